@@ -1,0 +1,1 @@
+"""Bulwark's task catalogue: the jobs other services enqueue by name."""

@@ -1,0 +1,62 @@
+"""Stand-ins for the downstream services the catalogue calls.
+
+Each simulated dependency reads its condition from Redis, so every worker in
+the fleet sees the same outage: `bulwark demo` (or a test) sets it with
+`set_outage(...)`. During an outage a call raises `DependencyDown` (a
+`ConnectionError`, so it is classified transient); otherwise it returns after
+a short simulated latency.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from policies import keys
+from workers.resources import policy_redis
+
+
+class DependencyDown(ConnectionError):
+    """The simulated dependency is unreachable."""
+
+
+@dataclass(frozen=True, slots=True)
+class Dependency:
+    name: str
+    latency: float = 0.01
+
+    @property
+    def _outage_key(self) -> str:
+        return keys.key("demo", self.name, "outage")
+
+    @property
+    def _calls_key(self) -> str:
+        return keys.key("demo", self.name, "calls")
+
+    def call(self, operation: str, **params: Any) -> str:
+        client = policy_redis()
+        with client.pipeline(transaction=False) as pipe:
+            pipe.incr(self._calls_key)
+            pipe.exists(self._outage_key)
+            _, down = pipe.execute()
+        if down:
+            raise DependencyDown(f"{self.name} is unreachable ({operation})")
+        time.sleep(self.latency)
+        return uuid.uuid4().hex[:12]
+
+    def set_outage(self, seconds: float) -> None:
+        """Make the dependency fail for `seconds` (0 ends the outage now)."""
+        client = policy_redis()
+        if seconds <= 0:
+            client.delete(self._outage_key)
+        else:
+            client.set(self._outage_key, "1", px=int(seconds * 1000))
+
+    def calls(self) -> int:
+        return int(policy_redis().get(self._calls_key) or 0)
+
+
+def dependency(name: str) -> Dependency:
+    return Dependency(name)

@@ -1,0 +1,75 @@
+"""Celery configuration built from `Settings` (never read at import)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kombu import Exchange, Queue
+
+from workers.settings import ALERTS_QUEUE, DEFAULT_QUEUE, Settings
+
+ALERTS_TASK_PREFIX = "bulwark.alerts."
+
+
+def route_for(settings: Settings) -> Any:
+    """A Celery router: `<queue>.<job>` goes to its bulkhead queue, alert jobs to `alerts`."""
+    bulkheads = frozenset(settings.scaling.queues)
+
+    def route(name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **kw: Any) -> Any:
+        if name.startswith(ALERTS_TASK_PREFIX):
+            return {"queue": ALERTS_QUEUE}
+        head = name.split(".", 1)[0]
+        return {"queue": head if head in bulkheads else DEFAULT_QUEUE}
+
+    return route
+
+
+def build_config(settings: Settings) -> dict[str, Any]:
+    exchange = Exchange("bulwark", type="direct")
+    scaling = settings.scaling
+    return {
+        "broker_url": settings.broker,
+        "result_backend": settings.backend,
+        # JSON only: pickle (or anything else) is refused before it is decoded.
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "event_serializer": "json",
+        # A task is acknowledged after it ran; a worker lost mid-task gives it back.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_concurrency": scaling.worker_concurrency,
+        "task_time_limit": scaling.task_time_limit,
+        "task_soft_time_limit": max(1.0, scaling.task_time_limit - 5.0),
+        # Flower and monitoring.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "task_track_started": True,
+        "result_expires": 24 * 3600,
+        "result_extended": True,
+        # Queues: one per bulkhead, plus default, alerts and the dead-letter queue.
+        "task_default_queue": DEFAULT_QUEUE,
+        "task_default_exchange": exchange.name,
+        "task_default_routing_key": DEFAULT_QUEUE,
+        "task_queues": [Queue(q, exchange, routing_key=q) for q in settings.all_queues],
+        "task_create_missing_queues": False,
+        "task_routes": (route_for(settings),),
+        # Redis redelivers an unacked message after the visibility timeout: it must
+        # exceed the longest countdown we schedule plus the task time limit
+        # (checked by Settings).
+        "broker_transport_options": {
+            "visibility_timeout": scaling.visibility_timeout,
+            "socket_connect_timeout": 5,
+            "socket_timeout": 30,
+            "retry_on_timeout": True,
+        },
+        "result_backend_transport_options": {"socket_connect_timeout": 5},
+        "broker_connection_retry_on_startup": True,
+        "worker_consumer": "workers.consumer:GuardedConsumer",
+        "worker_hijack_root_logger": False,
+        "timezone": "UTC",
+        "enable_utc": True,
+        "beat_schedule": {},
+    }

@@ -1,0 +1,383 @@
+"""One `Settings` object, read from the environment.
+
+Every field names its environment variable and what it accepts. Values are
+parsed and validated together; a bad value raises `SettingsError`, which names
+each offending variable and what it accepts. Durations are float seconds.
+Nothing is read at import: call `Settings.from_env()` (or `get_settings()`).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+__all__ = [
+    "ObservabilitySettings",
+    "ResilienceSettings",
+    "ScalingSettings",
+    "SecuritySettings",
+    "Settings",
+    "SettingsError",
+    "get_settings",
+]
+
+
+class SettingsError(ValueError):
+    """One or more environment variables hold a value Bulwark cannot use."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid settings:\n  " + "\n  ".join(problems))
+
+
+# --- parsers: each takes the raw string and returns a value or raises ValueError
+
+
+@dataclass(frozen=True, slots=True)
+class Parser:
+    parse: Callable[[str], Any]
+    accepts: str
+
+
+def _int(minimum: int) -> Parser:
+    def parse(raw: str) -> int:
+        value = int(raw.strip())
+        if value < minimum:
+            raise ValueError
+        return value
+
+    return Parser(parse, f"a whole number >= {minimum}")
+
+
+def _seconds(minimum: float = 0.0, *, inclusive: bool = False) -> Parser:
+    def parse(raw: str) -> float:
+        value = float(raw.strip())
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError
+        if value < minimum or (value == minimum and not inclusive):
+            raise ValueError
+        return value
+
+    op = ">=" if inclusive else ">"
+    return Parser(parse, f"a number of seconds {op} {minimum:g} (e.g. 30 or 0.5)")
+
+
+def _ratio() -> Parser:
+    def parse(raw: str) -> float:
+        value = float(raw.strip())
+        if not 0.0 <= value <= 1.0:
+            raise ValueError
+        return value
+
+    return Parser(parse, "a number from 0 to 1")
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _bool() -> Parser:
+    def parse(raw: str) -> bool:
+        lowered = raw.strip().lower()
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
+        raise ValueError
+
+    return Parser(parse, "one of true/false, yes/no, on/off, 1/0")
+
+
+def _choice(*options: str) -> Parser:
+    def parse(raw: str) -> str:
+        lowered = raw.strip().lower()
+        if lowered not in options:
+            raise ValueError
+        return lowered
+
+    return Parser(parse, "one of " + ", ".join(options))
+
+
+_NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
+
+
+def _names() -> Parser:
+    def parse(raw: str) -> tuple[str, ...]:
+        names = tuple(n.strip() for n in raw.split(",") if n.strip())
+        if not names or any(not _NAME.match(n) for n in names) or len(set(names)) != len(names):
+            raise ValueError
+        return names
+
+    return Parser(parse, "a comma-separated list of distinct lower-case names (a-z, 0-9, _ -)")
+
+
+def _url(*schemes: str) -> Parser:
+    def parse(raw: str) -> str:
+        value = raw.strip()
+        if not any(value.startswith(f"{s}://") for s in schemes):
+            raise ValueError
+        return value
+
+    return Parser(parse, "a URL starting with " + " or ".join(f"{s}://" for s in schemes))
+
+
+def _text() -> Parser:
+    def parse(raw: str) -> str:
+        if not raw.strip():
+            raise ValueError
+        return raw.strip()
+
+    return Parser(parse, "a non-empty string")
+
+
+def setting(env: str, parser: Parser, default: Any, doc: str, *, secret: bool = False) -> Any:
+    """Declare a settings field bound to environment variable `env`."""
+    meta = {"env": env, "parser": parser, "doc": doc, "secret": secret}
+    return field(default=default, metadata=meta)
+
+
+# --- groups
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResilienceSettings:
+    """Circuit breakers, retries, bulkheads, degradation."""
+
+    breaker_failure_threshold: int = setting(
+        "BULWARK_BREAKER_FAILURE_THRESHOLD", _int(1), 5, "consecutive failures that open a breaker"
+    )
+    breaker_timeout: float = setting(
+        "BULWARK_BREAKER_TIMEOUT", _seconds(), 30.0, "seconds a breaker stays open"
+    )
+    breaker_success_threshold: int = setting(
+        "BULWARK_BREAKER_SUCCESS_THRESHOLD",
+        _int(1),
+        3,
+        "half-open trial calls that must succeed to close",
+    )
+    retry_max_attempts: int = setting(
+        "BULWARK_RETRY_MAX_ATTEMPTS", _int(1), 3, "attempts per task, the first included"
+    )
+    retry_base_delay: float = setting(
+        "BULWARK_RETRY_BASE_DELAY", _seconds(), 0.1, "first retry delay, seconds"
+    )
+    retry_max_delay: float = setting(
+        "BULWARK_RETRY_MAX_DELAY", _seconds(), 30.0, "cap on any retry delay, seconds"
+    )
+    bulkhead_max_concurrent: int = setting(
+        "BULWARK_BULKHEAD_MAX_CONCURRENT", _int(1), 10, "fleet-wide concurrent calls per bulkhead"
+    )
+    degradation_enabled: bool = setting(
+        "BULWARK_DEGRADATION_ENABLED", _bool(), True, "automatic degradation on"
+    )
+    defer_max: int = setting(
+        "BULWARK_DEFER_MAX",
+        _int(0),
+        50,
+        "deferrals (open breaker, full bulkhead) before a task is dead-lettered",
+    )
+    defer_max_delay: float = setting(
+        "BULWARK_DEFER_MAX_DELAY", _seconds(), 60.0, "cap on one deferral's countdown, seconds"
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ObservabilitySettings:
+    """Metrics, traces, logs and health checks."""
+
+    health_check_interval: float = setting(
+        "BULWARK_HEALTH_CHECK_INTERVAL", _seconds(), 30.0, "seconds between fleet health checks"
+    )
+    metrics_interval: float = setting(
+        "BULWARK_METRICS_INTERVAL", _seconds(), 15.0, "seconds between fleet metric refreshes"
+    )
+    log_level: str = setting(
+        "BULWARK_LOG_LEVEL", _choice("debug", "info", "warning", "error", "critical"), "info", ""
+    )
+    log_json: bool = setting("BULWARK_LOG_JSON", _bool(), True, "one JSON object per log line")
+    heartbeat_ttl: float = setting(
+        "BULWARK_HEARTBEAT_TTL", _seconds(), 30.0, "seconds a worker heartbeat key lives"
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SecuritySettings:
+    """Message authentication, encryption, audit and the operator UI."""
+
+    flower_user: str = setting("BULWARK_FLOWER_USER", _text(), "admin", "Flower basic-auth user")
+    flower_password: str | None = setting(
+        "BULWARK_FLOWER_PASSWORD",
+        _text(),
+        None,
+        "Flower basic-auth password (generated and printed by `bulwark up` if unset)",
+        secret=True,
+    )
+    flower_port: int = setting("BULWARK_FLOWER_PORT", _int(1), 5555, "Flower port on 127.0.0.1")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ScalingSettings:
+    """Worker pools and their bulkhead queues."""
+
+    queues: tuple[str, ...] = setting(
+        "BULWARK_QUEUES",
+        _names(),
+        ("payments", "inventory", "notifications"),
+        "bulkhead queues; a task named `<queue>.<job>` is routed to `<queue>`",
+    )
+    worker_concurrency: int = setting(
+        "BULWARK_WORKER_CONCURRENCY", _int(1), 2, "prefork processes per worker"
+    )
+    task_time_limit: float = setting(
+        "BULWARK_TASK_TIME_LIMIT", _seconds(), 300.0, "hard time limit per task, seconds"
+    )
+    visibility_timeout: float = setting(
+        "BULWARK_VISIBILITY_TIMEOUT",
+        _seconds(),
+        3600.0,
+        "seconds before an unacked message is redelivered; must exceed every countdown",
+    )
+
+
+# Fixed queue names; bulkhead queues come on top of these.
+DEFAULT_QUEUE = "default"
+ALERTS_QUEUE = "alerts"
+DEADLETTER_QUEUE = "deadletter"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    """Everything Bulwark reads from the environment."""
+
+    redis_url: str = setting(
+        "REDIS_URL",
+        _url("redis", "rediss", "unix"),
+        "redis://127.0.0.1:6379/0",
+        "Redis for policies (and the broker/backend unless set apart)",
+    )
+    broker_url: str | None = setting(
+        "CELERY_BROKER_URL", _url("redis", "rediss", "unix"), None, "broker; defaults to REDIS_URL"
+    )
+    result_backend: str | None = setting(
+        "CELERY_RESULT_BACKEND",
+        _url("redis", "rediss", "unix"),
+        None,
+        "result backend; defaults to REDIS_URL",
+    )
+    resilience: ResilienceSettings = field(default_factory=ResilienceSettings)
+    observability: ObservabilitySettings = field(default_factory=ObservabilitySettings)
+    security: SecuritySettings = field(default_factory=SecuritySettings)
+    scaling: ScalingSettings = field(default_factory=ScalingSettings)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read and validate every setting; raise `SettingsError` naming each bad one."""
+        env = os.environ if environ is None else environ
+        problems: list[str] = []
+        top = _read(cls, env, problems)
+        groups = {
+            f.name: f.type_class(**_read(f.type_class, env, problems))  # type: ignore[attr-defined]
+            for f in _group_fields()
+        }
+        if problems:
+            raise SettingsError(problems)
+        settings = cls(**top, **groups)
+        settings._check_consistency()
+        return settings
+
+    @property
+    def broker(self) -> str:
+        return self.broker_url or self.redis_url
+
+    @property
+    def backend(self) -> str:
+        return self.result_backend or self.redis_url
+
+    @property
+    def all_queues(self) -> tuple[str, ...]:
+        """Every queue the fleet knows, bulkhead queues first."""
+        fixed = (DEFAULT_QUEUE, ALERTS_QUEUE, DEADLETTER_QUEUE)
+        return self.scaling.queues + tuple(q for q in fixed if q not in self.scaling.queues)
+
+    @property
+    def longest_countdown(self) -> float:
+        """The longest countdown Bulwark ever schedules (retry, deferral)."""
+        r = self.resilience
+        return max(r.retry_max_delay, r.defer_max_delay, r.breaker_timeout)
+
+    def _check_consistency(self) -> None:
+        needed = self.longest_countdown + self.scaling.task_time_limit
+        if self.scaling.visibility_timeout <= needed:
+            raise SettingsError(
+                [
+                    f"BULWARK_VISIBILITY_TIMEOUT={self.scaling.visibility_timeout:g} must exceed the "
+                    f"longest countdown plus BULWARK_TASK_TIME_LIMIT ({needed:g} s), or Redis "
+                    "redelivers tasks that are still waiting or running"
+                ]
+            )
+        clash = {DEFAULT_QUEUE, ALERTS_QUEUE, DEADLETTER_QUEUE} & set(self.scaling.queues)
+        if clash:
+            raise SettingsError(
+                [f"BULWARK_QUEUES may not name the fixed queues {sorted(clash)}"]
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class _Group:
+    name: str
+    type_class: type
+
+
+def _group_fields() -> list[_Group]:
+    return [
+        _Group("resilience", ResilienceSettings),
+        _Group("observability", ObservabilitySettings),
+        _Group("security", SecuritySettings),
+        _Group("scaling", ScalingSettings),
+    ]
+
+
+def _read(cls: type, env: Mapping[str, str], problems: list[str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for f in fields(cls):
+        if "env" not in f.metadata:
+            continue
+        name, parser = f.metadata["env"], f.metadata["parser"]
+        raw = env.get(name)
+        if raw is None or raw == "":
+            continue
+        try:
+            values[f.name] = parser.parse(raw)
+        except ValueError:
+            shown = "<secret>" if f.metadata["secret"] else repr(raw)
+            problems.append(f"{name}={shown}: expected {parser.accepts}")
+    return values
+
+
+def describe() -> Iterator[tuple[str, str, str, str, str]]:
+    """Yield (group, variable, default, accepts, meaning) for every setting."""
+    for group_name, cls in [("connections", Settings)] + [
+        (g.name, g.type_class) for g in _group_fields()
+    ]:
+        for f in fields(cls):
+            if "env" not in f.metadata:
+                continue
+            default = f.default
+            if isinstance(default, tuple):
+                default = ",".join(default)
+            shown = "(unset)" if default is None else str(default)
+            if isinstance(f.default, bool):
+                shown = str(f.default).lower()
+            yield group_name, f.metadata["env"], shown, f.metadata["parser"].accepts, f.metadata[
+                "doc"
+            ]
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment on first use."""
+    return Settings.from_env()
