@@ -74,7 +74,7 @@ class DeadLetterStore:
 
     def latest(self, limit: int = 50) -> list[DeadLetter]:
         """The newest `limit` entries, newest first."""
-        ids = self._client.zrevrange(self._index, 0, limit - 1)
+        ids: list[bytes] = self._client.zrevrange(self._index, 0, limit - 1)  # type: ignore[assignment]
         if not ids:
             return []
         raws = self._client.hmget(self._entries, ids)

@@ -19,8 +19,9 @@ class PolicyRejected(BulwarkError):
         self.name = name
         self.retry_after = max(0.0, retry_after)
         self.reason = reason
-        super().__init__(f"{policy} {name!r} rejected the call: {reason} "
-                         f"(retry after {self.retry_after:.3f} s)")
+        super().__init__(
+            f"{policy} {name!r} rejected the call: {reason} (retry after {self.retry_after:.3f} s)"
+        )
 
 
 class CircuitOpen(PolicyRejected):

@@ -35,7 +35,9 @@ def r(redis_url: str) -> Iterator[redis.Redis]:
 
 
 @pytest.fixture(autouse=True)
-def _settings_from_test_env(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
+def _settings_from_test_env(
+    monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
     """Point in-process settings at the test Redis, never at the developer's."""
     from workers import resources, settings
 
@@ -55,9 +57,21 @@ def start_worker(redis_url: str, tmp_path: Path) -> Iterator[object]:
     """Start real worker subprocesses; every one is stopped after the test."""
     started: list[Worker] = []
 
-    def start(queues: list[str], *, name: str = "w", concurrency: int = 2, env: dict[str, str] | None = None) -> Worker:
-        worker = Worker(redis_url, queues, name=name, concurrency=concurrency, env=env,
-                        log=tmp_path / f"{name}.log")
+    def start(
+        queues: list[str],
+        *,
+        name: str = "w",
+        concurrency: int = 2,
+        env: dict[str, str] | None = None,
+    ) -> Worker:
+        worker = Worker(
+            redis_url,
+            queues,
+            name=name,
+            concurrency=concurrency,
+            env=env,
+            log=tmp_path / f"{name}.log",
+        )
         started.append(worker)
         return worker.start()
 

@@ -19,7 +19,9 @@ ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
 
 
-def poll(check: Callable[[], T], *, deadline: float = 15.0, every: float = 0.05, what: str = "") -> T:
+def poll(
+    check: Callable[[], T], *, deadline: float = 15.0, every: float = 0.05, what: str = ""
+) -> T:
     """Call `check` until it returns something truthy; fail after `deadline` seconds."""
     end = time.monotonic() + deadline
     last: T | None = None
@@ -28,7 +30,9 @@ def poll(check: Callable[[], T], *, deadline: float = 15.0, every: float = 0.05,
         if last:
             return last
         time.sleep(every)
-    raise AssertionError(f"timed out after {deadline:g} s waiting for {what or check!r} (last: {last!r})")
+    raise AssertionError(
+        f"timed out after {deadline:g} s waiting for {what or check!r} (last: {last!r})"
+    )
 
 
 def child_env(redis_url: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -59,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bulwark", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("up", help="start the fleet of the Procfile (embedded Redis if no REDIS_URL)")
+    p = sub.add_parser(
+        "up", help="start the fleet of the Procfile (embedded Redis if no REDIS_URL)"
+    )
     p.add_argument("--procfile", default="Procfile")
     p.add_argument("--only", action="append", default=[], metavar="PROCESS")
     p.add_argument("--without", action="append", default=[], metavar="PROCESS")

@@ -314,16 +314,14 @@ class Settings:
         if self.scaling.visibility_timeout <= needed:
             raise SettingsError(
                 [
-                    f"BULWARK_VISIBILITY_TIMEOUT={self.scaling.visibility_timeout:g} must exceed the "
-                    f"longest countdown plus BULWARK_TASK_TIME_LIMIT ({needed:g} s), or Redis "
+                    f"BULWARK_VISIBILITY_TIMEOUT={self.scaling.visibility_timeout:g} must exceed "
+                    f"the longest countdown plus BULWARK_TASK_TIME_LIMIT ({needed:g} s), or Redis "
                     "redelivers tasks that are still waiting or running"
                 ]
             )
         clash = {DEFAULT_QUEUE, ALERTS_QUEUE, DEADLETTER_QUEUE} & set(self.scaling.queues)
         if clash:
-            raise SettingsError(
-                [f"BULWARK_QUEUES may not name the fixed queues {sorted(clash)}"]
-            )
+            raise SettingsError([f"BULWARK_QUEUES may not name the fixed queues {sorted(clash)}"])
 
 
 @dataclass(frozen=True, slots=True)
@@ -372,9 +370,13 @@ def describe() -> Iterator[tuple[str, str, str, str, str]]:
             shown = "(unset)" if default is None else str(default)
             if isinstance(f.default, bool):
                 shown = str(f.default).lower()
-            yield group_name, f.metadata["env"], shown, f.metadata["parser"].accepts, f.metadata[
-                "doc"
-            ]
+            yield (
+                group_name,
+                f.metadata["env"],
+                shown,
+                f.metadata["parser"].accepts,
+                f.metadata["doc"],
+            )
 
 
 @functools.cache

@@ -39,7 +39,9 @@ def read_procfile(path: Path) -> dict[str, str]:
     return dict(procfile.processes)
 
 
-def select(processes: Mapping[str, str], only: Iterable[str], without: Iterable[str]) -> dict[str, str]:
+def select(
+    processes: Mapping[str, str], only: Iterable[str], without: Iterable[str]
+) -> dict[str, str]:
     only, without = list(only), list(without)
     unknown = sorted((set(only) | set(without)) - set(processes))
     if unknown:
@@ -86,8 +88,13 @@ def banner(fleet: Fleet, redis_url: str, embedded: bool, flower_port: int) -> st
         f"  Redis     {redact(redis_url)}  ({where})",
     ]
     if "flower" in fleet.processes:
-        shown = fleet.flower_password if fleet.flower_password_generated else "(BULWARK_FLOWER_PASSWORD)"
-        lines.append(f"  Flower    http://127.0.0.1:{flower_port}/  user {fleet.flower_user}  password {shown}")
+        shown = (
+            fleet.flower_password
+            if fleet.flower_password_generated
+            else "(BULWARK_FLOWER_PASSWORD)"
+        )
+        url = f"http://127.0.0.1:{flower_port}/"
+        lines.append(f"  Flower    {url}  user {fleet.flower_user}  password {shown}")
     lines += [
         f"  Status    REDIS_URL={redact(redis_url)} bulwark status",
         f"  Dead      REDIS_URL={redact(redis_url)} bulwark deadletter list",
@@ -116,7 +123,10 @@ def up(
         fleet = plan(settings, procfile, only=only, without=without)
         fleet.env["REDIS_URL"] = redis_url
         fleet.env["BULWARK_STATE_DIR"] = str(state_dir)
-        print(banner(fleet, redis_url, embedded is not None, settings.security.flower_port), flush=True)
+        print(
+            banner(fleet, redis_url, embedded is not None, settings.security.flower_port),
+            flush=True,
+        )
         manager = Manager()
         for name, cmd in fleet.processes.items():
             manager.add_process(name, cmd, env=fleet.env, cwd=str(procfile.resolve().parent))

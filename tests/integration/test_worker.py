@@ -39,7 +39,9 @@ def tokens(r: redis.Redis) -> list[str]:
 class TestSendTask:
     """A task enqueued by name from another process runs on a real worker."""
 
-    def test_send_task_by_name_runs_and_returns(self, r: redis.Redis, redis_url: str, start_worker) -> None:
+    def test_send_task_by_name_runs_and_returns(
+        self, r: redis.Redis, redis_url: str, start_worker
+    ) -> None:
         start_worker(["default"], name="general")
         token = uuid.uuid4().hex
         task_id = produce(
@@ -62,7 +64,8 @@ class TestSendTask:
         ids = produce(
             redis_url,
             "from workers.client import client\n"
-            "ids = [client().send_task('payments.charge', args=[f'o{i}', 100]).id for i in range(3)]\n"
+            "c = client()\n"
+            "ids = [c.send_task('payments.charge', args=[f'o{i}', 100]).id for i in range(3)]\n"
             "print(','.join(ids))",
         ).split(",")
         from workers.client import client
@@ -78,7 +81,9 @@ class TestSendTask:
 class TestRefusedMessages:
     """Pickle is never accepted; a refused message is dead-lettered with its reason."""
 
-    def test_pickle_message_is_refused_and_dead_lettered(self, r: redis.Redis, redis_url: str, start_worker) -> None:
+    def test_pickle_message_is_refused_and_dead_lettered(
+        self, r: redis.Redis, redis_url: str, start_worker
+    ) -> None:
         start_worker(["default"], name="general")
         evil, good = uuid.uuid4().hex, uuid.uuid4().hex
         produce(
@@ -87,8 +92,9 @@ class TestRefusedMessages:
             "import os\n"
             "app = Celery('evil', broker=os.environ['REDIS_URL'])\n"
             "app.conf.update(task_serializer='pickle', accept_content=['pickle', 'json'])\n"
-            f"app.send_task('bulwark.ping', args=['{evil}'], queue='default', routing_key='default', exchange='bulwark')\n"
-            f"app.send_task('bulwark.ping', args=['{good}'], queue='default', routing_key='default', exchange='bulwark', serializer='json')\n",
+            "to = dict(queue='default', routing_key='default', exchange='bulwark')\n"
+            f"app.send_task('bulwark.ping', args=['{evil}'], **to)\n"
+            f"app.send_task('bulwark.ping', args=['{good}'], serializer='json', **to)\n",
         )
         store = DeadLetterStore(r)
         letters = poll(store.latest, what="the pickle message in the dead-letter store")
@@ -100,7 +106,9 @@ class TestRefusedMessages:
         assert letter.content_type == "application/x-python-serialize"
         assert not letter.replayable
 
-    def test_unknown_task_name_is_dead_lettered(self, r: redis.Redis, redis_url: str, start_worker) -> None:
+    def test_unknown_task_name_is_dead_lettered(
+        self, r: redis.Redis, redis_url: str, start_worker
+    ) -> None:
         start_worker(["default"], name="general")
         produce(
             redis_url,
