@@ -18,6 +18,13 @@ def _cmd_up(args: argparse.Namespace) -> int:
     return up(get_settings(), Path(args.procfile), only=args.only, without=args.without)
 
 
+def _cmd_proc(args: argparse.Namespace) -> int:
+    from workers.supervisor import proc
+
+    proc(get_settings(), Path(args.procfile), args.name)
+    return 0  # not reached: proc() replaces this process
+
+
 def _cmd_settings(args: argparse.Namespace) -> int:
     rows = list(describe())
     if args.markdown:
@@ -66,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", action="append", default=[], metavar="PROCESS")
     p.add_argument("--without", action="append", default=[], metavar="PROCESS")
     p.set_defaults(func=_cmd_up)
+
+    p = sub.add_parser("proc", help="run one Procfile entry in the foreground (for containers)")
+    p.add_argument("name", metavar="PROCESS")
+    p.add_argument("--procfile", default="Procfile")
+    p.set_defaults(func=_cmd_proc)
 
     p = sub.add_parser("settings", help="list every setting, its variable and default")
     p.add_argument("--markdown", action="store_true")

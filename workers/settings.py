@@ -196,7 +196,10 @@ class ObservabilitySettings:
         "BULWARK_METRICS_INTERVAL", _seconds(), 15.0, "seconds between fleet metric refreshes"
     )
     log_level: str = setting(
-        "BULWARK_LOG_LEVEL", _choice("debug", "info", "warning", "error", "critical"), "info", ""
+        "BULWARK_LOG_LEVEL",
+        _choice("debug", "info", "warning", "error", "critical"),
+        "info",
+        "lowest level logged",
     )
     log_json: bool = setting("BULWARK_LOG_JSON", _bool(), True, "one JSON object per log line")
     heartbeat_ttl: float = setting(

@@ -52,6 +52,22 @@ def select(
     return {n: c for n, c in processes.items() if (not only or n in only) and n not in without}
 
 
+def proc(settings: Settings, procfile: Path, name: str) -> None:
+    """Replace this process with one Procfile entry (what docker-compose runs)."""
+    command = select(read_procfile(procfile), [name], [])[name]
+    env = dict(os.environ)
+    if "FLOWER_BASIC_AUTH" not in env:
+        password = settings.security.flower_password
+        if name == "flower" and password is None:
+            raise SystemExit(
+                "bulwark proc flower: set BULWARK_FLOWER_PASSWORD (or FLOWER_BASIC_AUTH); "
+                "Flower never runs without basic auth"
+            )
+        if password is not None:
+            env["FLOWER_BASIC_AUTH"] = f"{settings.security.flower_user}:{password}"
+    os.execvpe("/bin/sh", ["/bin/sh", "-c", f"exec {command}"], env)
+
+
 def plan(
     settings: Settings,
     procfile: Path,
