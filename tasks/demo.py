@@ -1,7 +1,10 @@
 """Demo traffic for `make run`: another service enqueueing jobs by name.
 
-It only uses `send_task` with task names, as a producer outside this code base
-would. Runs until SIGTERM/SIGINT.
+It sends jobs with `send_task` by name only, as a producer outside this code
+base would, and plays a flaky payments gateway: healthy for a while, down for
+`BULWARK_DEMO_OUTAGE` seconds, then back. Watch the payments breaker open,
+tasks being deferred, the breaker half-open and close again
+(`bulwark status`, the worker logs, Flower). Runs until SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import signal
 import threading
 import time
 
+from tasks.dependencies import dependency
 from workers.client import client
 
 logger = logging.getLogger("bulwark.demo")
@@ -25,8 +29,7 @@ JOBS = (
 )
 
 
-def run(rate: float = 5.0, stop: threading.Event | None = None) -> int:
-    stop = stop or threading.Event()
+def produce(rate: float, stop: threading.Event) -> int:
     producer = client(name="demo-producer")
     sent = 0
     for i in itertools.count():
@@ -36,10 +39,22 @@ def run(rate: float = 5.0, stop: threading.Event | None = None) -> int:
         args, kwargs = make(i)
         producer.send_task(name, args=args, kwargs=kwargs)
         sent += 1
-        if sent % 50 == 0:
-            logger.info("demo producer: %d jobs sent", sent)
+        if sent % 100 == 0:
+            logger.info("demo: %d jobs sent", sent)
         stop.wait(1.0 / rate)
     return sent
+
+
+def flaky_payments(healthy: float, outage: float, stop: threading.Event) -> None:
+    """Take the payments gateway down for `outage` s after each `healthy` s, forever."""
+    gateway = dependency("payments")
+    while not stop.wait(healthy):
+        logger.info("demo: payments gateway DOWN for %.0f s", outage)
+        gateway.set_outage(outage)
+        if stop.wait(outage):
+            break
+        logger.info("demo: payments gateway back up")
+    gateway.set_outage(0)
 
 
 def main() -> None:
@@ -47,9 +62,12 @@ def main() -> None:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    healthy = float(os.environ.get("BULWARK_DEMO_HEALTHY", "20"))
+    outage = float(os.environ.get("BULWARK_DEMO_OUTAGE", "25"))
+    threading.Thread(target=flaky_payments, args=(healthy, outage, stop), daemon=True).start()
     started = time.monotonic()
-    sent = run(float(os.environ.get("BULWARK_DEMO_RATE", "5")), stop)
-    logger.info("demo producer stopped: %d jobs in %.0f s", sent, time.monotonic() - started)
+    sent = produce(float(os.environ.get("BULWARK_DEMO_RATE", "5")), stop)
+    logger.info("demo: stopped after %d jobs in %.0f s", sent, time.monotonic() - started)
 
 
 if __name__ == "__main__":
