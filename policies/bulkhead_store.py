@@ -1,0 +1,247 @@
+"""Where bulkhead leases live: in Redis (shared by the fleet) or in memory.
+
+Both stores keep, per bulkhead, leases `holder -> expiry`, the time each lease
+was taken, the limit last used (for `bulwark status`) and a moving average of
+how long permits are held. Both have the same semantics:
+
+- a lease whose expiry is not after "now" is dead: it counts for nothing, it
+  cannot be renewed or released, and the next acquire purges it;
+- acquire by a holder that already has a live lease only renews it (a retried
+  acquire never takes two permits);
+- release is idempotent: `ok` is true only for the call that gave a live
+  permit back.
+
+The Redis store reads time from Redis `TIME` inside its Lua scripts; the
+memory store from the clock it is given (a `FakeClock` in tests).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import redis
+
+from policies import clock as clocks
+from policies import keys
+from policies.scripts import Scripts
+from policies.watch import feed_for
+
+#: Weight of the newest hold time in the moving average (same as the Lua scripts).
+HOLD_WEIGHT = 0.2
+
+Wake = Callable[[], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one store call did: `ok` (granted, renewed, released) and the live leases after it."""
+
+    ok: bool
+    in_use: int
+    retry_after: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class StoreState:
+    """A bulkhead as stored: its last-used limit (None if never acquired) and live leases."""
+
+    limit: int | None
+    holders: dict[str, float]  # holder -> seconds until its lease expires
+
+
+class BulkheadStore(Protocol):
+    """The storage a `Bulkhead` runs on. `local` stores keep state in this process only."""
+
+    local: bool
+
+    def acquire(self, name: str, holder: str, limit: int, ttl: float) -> Outcome: ...
+
+    def release(self, name: str, holder: str) -> Outcome: ...
+
+    def renew(self, name: str, holder: str, ttl: float) -> Outcome: ...
+
+    def state(self, name: str) -> StoreState: ...
+
+    def names(self) -> list[str]: ...
+
+    def on_release(self, name: str, wake: Wake) -> None:
+        """Call `wake()` whenever a permit of `name` may have been freed (best effort)."""
+        ...
+
+
+def estimate_wait(
+    now: float, expiries: list[float], since: list[float], avg: float | None
+) -> float:
+    """Seconds until a permit may free: the earliest lease expiry (what a dead
+    holder costs), or sooner when the oldest holder has been holding for about
+    the average hold time already (what a live holder costs)."""
+    wait = min(expiries) - now
+    if avg is not None and since:
+        wait = min(wait, max(min(since) + avg - now, 0.0))
+    return wait
+
+
+@dataclass
+class _Bulkhead:
+    limit: int | None = None
+    leases: dict[str, float] = field(default_factory=dict)
+    since: dict[str, float] = field(default_factory=dict)
+    avg_hold: float | None = None
+    watchers: list[Wake] = field(default_factory=list)
+
+    def purge(self, now: float) -> int:
+        dead = [h for h, expiry in self.leases.items() if expiry <= now]
+        for holder in dead:
+            del self.leases[holder]
+            self.since.pop(holder, None)
+        return len(dead)
+
+    def live(self, holder: str, now: float) -> bool:
+        return self.leases.get(holder, now) > now
+
+    def drop(self, holder: str) -> None:
+        self.leases.pop(holder, None)
+        self.since.pop(holder, None)
+
+
+class MemoryBulkheadStore:
+    """Leases in this process (thread-safe); the same rules as the Redis store."""
+
+    local = True
+
+    def __init__(self, clock: clocks.Clock = clocks.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._bulkheads: dict[str, _Bulkhead] = {}
+
+    def _get(self, name: str) -> _Bulkhead:
+        found = self._bulkheads.get(name)
+        if found is None:
+            found = self._bulkheads[name] = _Bulkhead()
+        return found
+
+    def acquire(self, name: str, holder: str, limit: int, ttl: float) -> Outcome:
+        with self._lock:
+            now, b = self._clock(), self._get(name)
+            b.purge(now)
+            b.limit = limit
+            if holder in b.leases or len(b.leases) < limit:
+                b.leases[holder] = now + ttl
+                b.since.setdefault(holder, now)
+                return Outcome(True, len(b.leases))
+            wait = estimate_wait(now, list(b.leases.values()), list(b.since.values()), b.avg_hold)
+            return Outcome(False, len(b.leases), wait)
+
+    def release(self, name: str, holder: str) -> Outcome:
+        with self._lock:
+            now, b = self._clock(), self._get(name)
+            released = b.live(holder, now)
+            if released:
+                held = max(now - b.since.get(holder, now), 0.0)
+                avg = b.avg_hold
+                b.avg_hold = held if avg is None else avg * (1 - HOLD_WEIGHT) + held * HOLD_WEIGHT
+            b.drop(holder)
+            freed = b.purge(now) > 0 or released
+            outcome, watchers = Outcome(released, len(b.leases)), list(b.watchers)
+        if freed:
+            for wake in watchers:
+                wake()
+        return outcome
+
+    def renew(self, name: str, holder: str, ttl: float) -> Outcome:
+        with self._lock:
+            now, b = self._clock(), self._get(name)
+            renewed = b.live(holder, now)
+            if renewed:
+                b.leases[holder] = now + ttl
+            else:
+                b.drop(holder)
+            return Outcome(renewed, sum(1 for e in b.leases.values() if e > now))
+
+    def state(self, name: str) -> StoreState:
+        with self._lock:
+            now, b = self._clock(), self._get(name)
+            live = {h: e - now for h, e in b.leases.items() if e > now}
+            return StoreState(b.limit, live)
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(n for n, b in self._bulkheads.items() if b.limit is not None)
+
+    def on_release(self, name: str, wake: Wake) -> None:
+        with self._lock:
+            self._get(name).watchers.append(wake)
+
+
+class RedisBulkheadStore:
+    """Leases in Redis, shared by every process on the same server (one script per call)."""
+
+    local = False
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self._scripts = Scripts(client)
+
+    @staticmethod
+    def _keys(name: str, *fields: str) -> list[str]:
+        return [keys.key("bulkhead", name, f) for f in fields]
+
+    def acquire(self, name: str, holder: str, limit: int, ttl: float) -> Outcome:
+        granted, in_use, wait = self._scripts["bulkhead_acquire"](
+            keys=self._keys(name, "leases", "since", "meta"), args=[holder, limit, repr(ttl)]
+        )
+        return Outcome(bool(granted), int(in_use), float(wait))
+
+    def release(self, name: str, holder: str) -> Outcome:
+        return self.parse_release(
+            self._scripts["bulkhead_release"](
+                keys=self.release_keys(name), args=[holder, keys.channel("bulkhead", name)]
+            )
+        )
+
+    def release_keys(self, name: str) -> list[str]:
+        return self._keys(name, "leases", "since", "meta")
+
+    def queue_release(self, pipe: redis.client.Pipeline, name: str, holder: str) -> None:
+        """Add the release script to `pipe` as a bare EVALSHA.
+
+        Calling the registered script with `client=pipe` would make the
+        pipeline send SCRIPT EXISTS first: one more round trip on every call.
+        A server that lost its script cache answers NOSCRIPT for this entry;
+        `Bulkhead.release_in` then releases directly (once, after a restart).
+        """
+        script = self._scripts["bulkhead_release"]
+        channel = keys.channel("bulkhead", name)
+        pipe.evalsha(script.sha, 3, *self.release_keys(name), holder, channel)
+
+    @staticmethod
+    def parse_release(raw: Any) -> Outcome:
+        released, in_use = raw
+        return Outcome(bool(released), int(in_use))
+
+    def renew(self, name: str, holder: str, ttl: float) -> Outcome:
+        renewed, in_use = self._scripts["bulkhead_renew"](
+            keys=self._keys(name, "leases", "since"), args=[holder, repr(ttl)]
+        )
+        return Outcome(bool(renewed), int(in_use))
+
+    def state(self, name: str) -> StoreState:
+        raw = self._scripts["bulkhead_snapshot"](keys=self._keys(name, "leases", "meta"), args=[])
+        limit = int(raw[0]) if raw[0] else None
+        pairs = raw[1:]
+        holders = {_text(pairs[i]): float(pairs[i + 1]) for i in range(0, len(pairs), 2)}
+        return StoreState(limit, holders)
+
+    def names(self) -> list[str]:
+        found = self.client.scan_iter(match=keys.pattern("bulkhead", "meta"), count=500)
+        return sorted({keys.name_of(_text(k)) for k in found})
+
+    def on_release(self, name: str, wake: Wake) -> None:
+        feed_for(self.client).watch(keys.channel("bulkhead", name), lambda _payload: wake())
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

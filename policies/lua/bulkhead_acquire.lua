@@ -1,0 +1,45 @@
+-- Take one permit of a bulkhead if one is free, purging expired leases first.
+-- KEYS[1] leases  zset  holder -> lease expiry (server time, seconds)
+-- KEYS[2] since   hash  holder -> time the lease was taken
+-- KEYS[3] meta    hash  limit, ttl (for `bulwark status`), avg_hold (moving average, seconds)
+-- ARGV[1] holder id (taking a lease the holder already has only renews it: safe to retry)
+-- ARGV[2] limit
+-- ARGV[3] lease ttl (seconds)
+-- returns {granted 1|0, in_use, retry_after seconds as a string (0 when granted)}
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local holder, limit, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
+if #expired > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+  redis.call('HDEL', KEYS[2], unpack(expired))
+end
+redis.call('HSET', KEYS[3], 'limit', ARGV[2], 'ttl', ARGV[3])
+local held = redis.call('ZSCORE', KEYS[1], holder)
+local in_use = redis.call('ZCARD', KEYS[1])
+if held or in_use < limit then
+  redis.call('ZADD', KEYS[1], now + ttl, holder)
+  if not held then
+    redis.call('HSET', KEYS[2], holder, tostring(now))
+    in_use = in_use + 1
+  end
+  local keep = math.ceil(ttl * 1000) + 1000
+  for i = 1, 2 do
+    if redis.call('PTTL', KEYS[i]) < keep then redis.call('PEXPIRE', KEYS[i], keep) end
+  end
+  return {1, in_use, '0'}
+end
+-- Full. The earliest expiry bounds the wait if nobody renews; the average hold
+-- time says when the oldest holder is likely to finish, if that is sooner.
+local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+local wait = tonumber(first[2]) - now
+local avg = tonumber(redis.call('HGET', KEYS[3], 'avg_hold') or '')
+if avg then
+  local oldest = nil
+  for _, v in ipairs(redis.call('HVALS', KEYS[2])) do
+    local s = tonumber(v)
+    if oldest == nil or s < oldest then oldest = s end
+  end
+  if oldest then wait = math.min(wait, math.max(oldest + avg - now, 0)) end
+end
+return {0, in_use, tostring(wait)}

@@ -1,0 +1,23 @@
+-- Extend a live bulkhead lease; a lease found expired is lost (and removed).
+-- KEYS[1] leases  zset  holder -> lease expiry (server time, seconds)
+-- KEYS[2] since   hash  holder -> time the lease was taken
+-- ARGV[1] holder id
+-- ARGV[2] lease ttl (seconds)
+-- returns {renewed 1|0 (0: the lease was lost), in_use (live leases)}
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local holder, ttl = ARGV[1], tonumber(ARGV[2])
+local score = redis.call('ZSCORE', KEYS[1], holder)
+if score and tonumber(score) > now then
+  redis.call('ZADD', KEYS[1], 'XX', now + ttl, holder)
+  local keep = math.ceil(ttl * 1000) + 1000
+  for i = 1, 2 do
+    if redis.call('PTTL', KEYS[i]) < keep then redis.call('PEXPIRE', KEYS[i], keep) end
+  end
+  return {1, redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')}
+end
+if score then
+  redis.call('ZREM', KEYS[1], holder)
+  redis.call('HDEL', KEYS[2], holder)
+end
+return {0, redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')}
