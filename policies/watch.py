@@ -89,7 +89,8 @@ class ChangeFeed:
         while not self._stop.is_set():
             try:
                 self._serve()
-            except redis.RedisError as exc:
+            except (redis.RedisError, OSError, ValueError) as exc:
+                # OSError/ValueError: the client's pool was closed under the thread.
                 if self._healthy.is_set():
                     logger.warning("change feed lost its connection: %s", exc)
                 self._reset_all()
