@@ -220,7 +220,7 @@ def build(
 
 
 class TestBreakerMatchesModel:
-    """Any sequence of calls, outcomes, time steps and operator commands gives the model's answers."""
+    """Any run of calls, outcomes, time steps and operator commands gives the model's answers."""
 
     @settings(
         max_examples=120,
