@@ -1,0 +1,298 @@
+"""The fleet-wide retry budget: retries capped at a share of calls over a sliding window.
+
+A failing dependency must not be hammered by every worker retrying at once:
+retries over the window may not exceed `min_retries + ratio * calls`. The
+window is `buckets` time buckets (one Redis hash per budget); `record_call()`
+is one small script call (or one command queued on the caller's pipeline),
+`try_spend()` is one script call that counts and spends atomically.
+
+When the budget is exhausted the caller defers the retry or dead-letters the
+task (`spend_or_raise()` raises `RetryBudgetExhausted` with `retry_after`).
+If Redis is unreachable the budget runs on a local, per-process window and
+says so with `StoreUnavailable` / `StoreRestored`.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+import redis
+
+from policies import events, keys
+from policies.clock import Clock, monotonic
+from policies.errors import RetryBudgetExhausted
+from policies.retry import require, require_int, require_seconds
+from policies.scripts import Scripts
+
+POLICY = "retry-budget"
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BudgetConfig:
+    """How many retries a window of calls buys."""
+
+    #: Share of the window's calls that may be retried.
+    ratio: float = 0.2
+    #: Sliding window, seconds.
+    window: float = 60.0
+    #: Retries always allowed per window, so that a quiet service can still retry.
+    min_retries: int = 10
+    #: Time buckets the window is made of (its resolution).
+    buckets: int = 10
+
+    def __post_init__(self) -> None:
+        ok = (
+            isinstance(self.ratio, int | float)
+            and not isinstance(self.ratio, bool)
+            and math.isfinite(self.ratio)
+            and self.ratio >= 0
+        )
+        require(self, "ratio", ok, "a finite number >= 0 (0.2 = one retry per five calls)")
+        require_seconds(self, "window")
+        require_int(self, "min_retries", 0)
+        require_int(self, "buckets", 1)
+        require(self, "buckets", self.buckets <= 600, "an integer from 1 to 600")
+
+    @property
+    def width(self) -> float:
+        """Seconds per bucket."""
+        return self.window / self.buckets
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BudgetState:
+    """The window of one budget as one spend (or peek) saw it."""
+
+    granted: bool
+    calls: int
+    retries: int
+    allowance: float
+    #: Seconds until the oldest spent retry leaves the window (0 when granted).
+    retry_after: float
+    source: str
+
+
+class BudgetStore(Protocol):
+    source: str
+
+    def record(self, name: str, config: BudgetConfig, count: int = 1) -> None: ...
+
+    def spend(self, name: str, config: BudgetConfig, *, peek: bool = False) -> BudgetState: ...
+
+
+class MemoryBudgetStore:
+    """Budgets of this process only, on a given clock (tests; the local fallback)."""
+
+    source = "memory"
+
+    def __init__(self, clock: Clock = monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        #: name -> bucket -> [calls, retries]
+        self._windows: dict[str, dict[int, list[int]]] = {}
+
+    def _window(self, name: str, config: BudgetConfig) -> tuple[dict[int, list[int]], int]:
+        bucket = math.floor(self._clock() / config.width)
+        window = self._windows.setdefault(name, {})
+        for old in [b for b in window if b <= bucket - config.buckets]:
+            del window[old]
+        return window, bucket
+
+    def record(self, name: str, config: BudgetConfig, count: int = 1) -> None:
+        with self._lock:
+            window, bucket = self._window(name, config)
+            window.setdefault(bucket, [0, 0])[0] += count
+
+    def spend(self, name: str, config: BudgetConfig, *, peek: bool = False) -> BudgetState:
+        with self._lock:
+            window, bucket = self._window(name, config)
+            calls = sum(c for c, _ in window.values())
+            retries = sum(r for _, r in window.values())
+            allowance = config.min_retries + config.ratio * calls
+            granted = retries + 1 <= allowance + 1e-9
+            retry_after = 0.0
+            if granted and not peek:
+                window.setdefault(bucket, [0, 0])[1] += 1
+                retries += 1
+            elif not granted:
+                oldest = min((b for b, (_, r) in window.items() if r > 0), default=bucket)
+                retry_after = (oldest + config.buckets) * config.width - self._clock()
+            return BudgetState(
+                granted=granted,
+                calls=calls,
+                retries=retries,
+                allowance=allowance,
+                retry_after=max(0.0, retry_after),
+                source=self.source,
+            )
+
+
+class RedisBudgetStore:
+    """Budgets shared by the fleet (budget_record.lua, budget_spend.lua).
+
+    `clock` is for tests only: it replaces Redis TIME so tests can move time.
+    """
+
+    source = "redis"
+
+    def __init__(self, client: redis.Redis, *, clock: Clock | None = None) -> None:
+        self.client = client
+        self._scripts = Scripts(client)
+        self._clock = clock
+
+    def _now(self) -> str:
+        return "" if self._clock is None else repr(self._clock())
+
+    def record_args(self, config: BudgetConfig, count: int = 1) -> list[Any]:
+        return [self._now(), repr(config.width), config.buckets, count]
+
+    def record(self, name: str, config: BudgetConfig, count: int = 1) -> None:
+        self.queue_record(self.client, name, config, count)
+
+    def queue_record(self, pipe: Any, name: str, config: BudgetConfig, count: int = 1) -> None:
+        """Run (or, on a pipeline, queue) the record script with `pipe` as the client."""
+        window = keys.key(POLICY, name, "window")
+        self._scripts["budget_record"](
+            keys=[window], args=self.record_args(config, count), client=pipe
+        )
+
+    def spend(self, name: str, config: BudgetConfig, *, peek: bool = False) -> BudgetState:
+        raw = self._scripts["budget_spend"](
+            keys=[keys.key(POLICY, name, "window")],
+            args=[
+                self._now(),
+                repr(config.width),
+                config.buckets,
+                repr(float(config.ratio)),
+                config.min_retries,
+                "peek" if peek else "spend",
+            ],
+        )
+        v = [x.decode() if isinstance(x, bytes) else x for x in raw]
+        return BudgetState(
+            granted=v[0] == "1",
+            calls=int(float(v[1])),
+            retries=int(float(v[2])),
+            allowance=float(v[3]),
+            retry_after=max(0.0, float(v[4])),
+            source=self.source,
+        )
+
+
+STORE_ERRORS = (redis.RedisError, ConnectionError, TimeoutError, OSError)
+
+
+@dataclass(slots=True, kw_only=True)
+class OutageReporter:
+    """Tracks one policy instance's Redis outages: one StoreUnavailable, one StoreRestored.
+
+    While an outage lasts, Redis is tried again at most every `probe_interval`
+    seconds, so callers do not each wait for a connect timeout.
+    """
+
+    policy: str
+    name: str
+    mode: str
+    emitter: events.Emitter
+    probe_interval: float = 1.0
+    down: bool = False
+    _next_probe: float = field(default=0.0, repr=False)
+
+    def should_try(self) -> bool:
+        return not self.down or time.monotonic() >= self._next_probe
+
+    def failed(self, exc: BaseException) -> None:
+        self._next_probe = time.monotonic() + self.probe_interval
+        if not self.down:
+            self.down = True
+            self.emitter.emit(
+                events.StoreUnavailable(
+                    policy=self.policy, name=self.name, error=str(exc) or repr(exc), mode=self.mode
+                )
+            )
+
+    def ok(self) -> None:
+        if self.down:
+            self.down = False
+            self.emitter.emit(events.StoreRestored(policy=self.policy, name=self.name))
+
+    def call(self, remote: Callable[[], T] | None, local: Callable[[], T]) -> T:
+        """`remote()` unless Redis is down (or there is no remote), else `local()`."""
+        if remote is None or not self.should_try():
+            return local()
+        try:
+            result = remote()
+        except STORE_ERRORS as exc:
+            self.failed(exc)
+            return local()
+        self.ok()
+        return result
+
+
+class RetryBudget:
+    """One named retry budget (usually one per dependency)."""
+
+    def __init__(
+        self,
+        name: str,
+        config: BudgetConfig | None = None,
+        *,
+        store: BudgetStore,
+        emitter: events.Emitter | None = None,
+    ) -> None:
+        keys.key(POLICY, name, "window")  # validates the name
+        self.name = name
+        self.config = config or BudgetConfig()
+        self.store = store
+        shared = not isinstance(store, MemoryBudgetStore)
+        #: Where calls go when Redis is down: a window of this process only.
+        self._local: BudgetStore = MemoryBudgetStore() if shared else store
+        self._shared = shared
+        self._outage = OutageReporter(
+            policy=POLICY,
+            name=name,
+            mode="local per-process budget",
+            emitter=emitter or events.default_emitter,
+        )
+
+    def _call(self, fn: Callable[[BudgetStore], T]) -> T:
+        remote = (lambda: fn(self.store)) if self._shared else None
+        return self._outage.call(remote, lambda: fn(self._local))
+
+    def record_call(self, count: int = 1) -> None:
+        """Count `count` calls (each run of the task body) into the window."""
+        self._call(lambda s: s.record(self.name, self.config, count))
+
+    def queue_record_call(self, pipe: redis.client.Pipeline, count: int = 1) -> None:
+        """Queue the record step on the caller's pipeline (Redis store only)."""
+        if not isinstance(self.store, RedisBudgetStore):
+            raise TypeError("queue_record_call needs a RedisBudgetStore")
+        self.store.queue_record(pipe, self.name, self.config, count)
+
+    def _spend(self, peek: bool) -> BudgetState:
+        return self._call(lambda s: s.spend(self.name, self.config, peek=peek))
+
+    def spend(self) -> BudgetState:
+        """Spend one retry if the budget allows it; the state says whether it did."""
+        return self._spend(peek=False)
+
+    def try_spend(self) -> bool:
+        """Spend one retry if the budget allows it (one script call)."""
+        return self._spend(peek=False).granted
+
+    def spend_or_raise(self) -> BudgetState:
+        """Spend one retry or raise RetryBudgetExhausted (with retry_after)."""
+        state = self._spend(peek=False)
+        if not state.granted:
+            raise RetryBudgetExhausted(self.name, state.retry_after)
+        return state
+
+    def snapshot(self) -> BudgetState:
+        """The window as it is, spending nothing (`granted`: would a spend pass now)."""
+        return self._spend(peek=True)
