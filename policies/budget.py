@@ -133,8 +133,8 @@ class MemoryBudgetStore:
             )
 
 
-class RedisBudgetStore:
-    """Budgets shared by the fleet (budget_record.lua, budget_spend.lua).
+class ScriptedRedisStore:
+    """Base of Redis stores whose scripts read Redis TIME unless a test clock is given.
 
     `clock` is for tests only: it replaces Redis TIME so tests can move time.
     """
@@ -147,7 +147,12 @@ class RedisBudgetStore:
         self._clock = clock
 
     def _now(self) -> str:
+        """The `now` ARGV of a script: "" lets the script read TIME."""
         return "" if self._clock is None else repr(self._clock())
+
+
+class RedisBudgetStore(ScriptedRedisStore):
+    """Budgets shared by the fleet (budget_record.lua, budget_spend.lua)."""
 
     def record_args(self, config: BudgetConfig, count: int = 1) -> list[Any]:
         return [self._now(), repr(config.width), config.buckets, count]

@@ -25,11 +25,9 @@ from dataclasses import dataclass, replace
 from enum import IntEnum
 from typing import Any, Literal, Protocol
 
-import redis
-
 from policies import keys
+from policies.budget import ScriptedRedisStore
 from policies.clock import Clock, monotonic
-from policies.scripts import Scripts
 from policies.watch import feed_for
 
 POLICY = "degradation"
@@ -277,18 +275,8 @@ def _keys(service: str) -> list[str]:
     return [keys.key(POLICY, service, "state"), keys.key(POLICY, service, "recoveries")]
 
 
-class RedisDegradationStore:
-    """Levels shared by the fleet through Redis (degradation_step.lua).
-
-    `clock` is for tests only: it replaces Redis TIME so tests can move time.
-    """
-
-    source = "redis"
-
-    def __init__(self, client: redis.Redis, *, clock: Clock | None = None) -> None:
-        self.client = client
-        self._scripts = Scripts(client)
-        self._clock = clock
+class RedisDegradationStore(ScriptedRedisStore):
+    """Levels shared by the fleet through Redis (degradation_step.lua; `clock`: tests only)."""
 
     def step(
         self,
@@ -300,13 +288,12 @@ class RedisDegradationStore:
         recovery_step: float = 0.0,
         history: int = 10,
     ) -> ServiceState:
-        now = "" if self._clock is None else repr(self._clock())
         raw = self._scripts["degradation_step"](
             keys=_keys(service),
             args=[
                 op,
                 keys.channel(POLICY, service),
-                now,
+                self._now(),
                 int(level),
                 reason,
                 repr(float(recovery_step)),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import multiprocessing
 import time
-from typing import Any
 
 import pytest
 import redis
@@ -13,6 +12,7 @@ from policies.degradation import Degradation, Level
 from policies.degradation_store import RedisDegradationStore
 from policies.watch import feed_for
 from tests.kit import poll
+from tests.unit.test_degradation import count_steps
 
 pytestmark = pytest.mark.integration
 
@@ -31,14 +31,7 @@ def watcher_process(url: str) -> None:
     d.level()
     assert feed_for(client).wait_healthy(10.0)
     d.level()  # cached from here on
-    calls: list[str] = []
-    original = store.step
-
-    def counting(*args: Any, **kwargs: Any) -> Any:
-        calls.append(args[1])
-        return original(*args, **kwargs)
-
-    store.step = counting  # type: ignore[method-assign]
+    calls = count_steps(store)
     client.set(READY, 1)
     deadline = time.monotonic() + 20
     while d.level() is not Level.offline and time.monotonic() < deadline:

@@ -174,6 +174,19 @@ class TestDegradationSuite:
         assert d.execute_with_fallback(lambda: 1).status == "executed"
 
 
+def count_steps(store: Any) -> list[str]:
+    """Record the op of every store step from now on (to count round trips)."""
+    calls: list[str] = []
+    original = store.step
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args[1])
+        return original(*args, **kwargs)
+
+    store.step = counting
+    return calls
+
+
 class TestLevelCache:
     """The level is read from the local cache, kept current by change messages."""
 
@@ -182,14 +195,7 @@ class TestLevelCache:
         d, _ = service(store)
         other, _ = service(store)
         d.level()
-        calls: list[str] = []
-        original = store.step
-
-        def counting(*args: Any, **kwargs: Any) -> Any:
-            calls.append(args[1])
-            return original(*args, **kwargs)
-
-        store.step = counting  # type: ignore[method-assign]
+        calls = count_steps(store)
         for _ in range(100):
             assert d.level() is Level.full
         assert calls == []
