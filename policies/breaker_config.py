@@ -154,14 +154,31 @@ class BreakerConfig:
 
     @classmethod
     def from_mapping(cls, options: Mapping[str, Any]) -> BreakerConfig:
-        """Build from plain options (settings, YAML); unknown names are refused."""
-        known = {f.name for f in fields(cls)}
+        """Build from plain options (settings, YAML); unknown names are refused.
+
+        Besides the fields, flat trip options are accepted: failure_threshold (consecutive
+        failures, 0 = off), failure_rate, rate_window, rate_min_calls.
+        """
+        flat = {"failure_threshold", "failure_rate", "rate_window", "rate_min_calls"}
+        known = {f.name for f in fields(cls)} | flat
         unknown = sorted(set(options) - known)
         if unknown:
             raise PolicyConfigError(
                 f"unknown breaker option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
             )
-        return cls(**options)
+        chosen = {k: v for k, v in options.items() if k not in flat}
+        if flat & set(options):
+            if "trip" in options:
+                raise PolicyConfigError("give either trip= or the flat failure_* options")
+            rule = TripRule(consecutive=options.get("failure_threshold", 5))
+            if options.get("failure_rate"):
+                rule = rule | failure_rate(
+                    options["failure_rate"],
+                    window=options.get("rate_window", 60.0),
+                    min_calls=options.get("rate_min_calls", 10),
+                )
+            chosen["trip"] = rule
+        return cls(**chosen)
 
     def classify(self, exc: BaseException) -> bool:
         """True if `exc` counts as a failure of the dependency."""

@@ -98,6 +98,13 @@ class TestConfig:
         with pytest.raises(PolicyConfigError, match=r"unknown breaker option.*treshold"):
             BreakerConfig.from_mapping({"treshold": 5})
 
+    def test_flat_options_build_the_trip_rule(self) -> None:
+        config = BreakerConfig.from_mapping(
+            {"failure_threshold": 7, "failure_rate": 0.25, "rate_window": 30, "open_timeout": 5}
+        )
+        assert config.trip == consecutive_failures(7) | failure_rate(0.25, window=30)
+        assert config.open_timeout == 5
+
     def test_classify(self) -> None:
         config = BreakerConfig(record_on=(OSError,), ignore=(FileNotFoundError,))
         assert config.classify(ConnectionError())
@@ -318,6 +325,38 @@ class TestRedisOnly:
             here.acquire()
         assert calls["acquire"] == before  # refused from the cache, no round trip
 
+    def test_round_trips_per_call(self, r: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+        name = f"rt-{uuid.uuid4().hex[:8]}"
+        b = CircuitBreaker(
+            name,
+            BreakerConfig(trip=consecutive_failures(1), open_timeout=0.2, success_threshold=1),
+            RedisBreakerStore(r),
+            emitter=events.Emitter(),
+        )
+        b.record(b.acquire())
+        poll(lambda: feed_for(r).healthy, deadline=5, what="change feed subscribed")
+        b.record(b.acquire())
+        sent: list[object] = []
+        real = r.execute_command
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            sent.append(args[0])
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(r, "execute_command", counting)
+        permit = b.acquire()
+        assert sent == []  # closed and the feed is healthy: admitted locally
+        b.record(permit, success=False)
+        assert len(sent) == 1  # one script call books it (and trips the breaker)
+        with pytest.raises(CircuitOpen):
+            b.acquire()
+        assert len(sent) == 1  # open with time left: refused locally
+        trial = poll(lambda: _admitted(b), deadline=5, what="half-open")
+        assert trial.trial
+        sent.clear()
+        b.record(trial, success=True)
+        assert len(sent) == 1
+
     def test_record_in_a_callers_pipeline(self, r: redis.Redis) -> None:
         name = f"p-{uuid.uuid4().hex[:8]}"
         b = CircuitBreaker(name, BreakerConfig(trip=consecutive_failures(1)), RedisBreakerStore(r))
@@ -341,6 +380,13 @@ class TestRedisOnly:
         found = {s.name: s for s in list_breakers(r)}
         assert set(names) <= set(found)
         assert all(found[n].state == "open" and found[n].trips == 1 for n in names)
+
+
+def _admitted(breaker: CircuitBreaker) -> Any:
+    try:
+        return breaker.acquire()
+    except CircuitOpen:
+        return None
 
 
 def _url(client: redis.Redis) -> str:
