@@ -1,7 +1,8 @@
 """Jobs other services enqueue by name with `send_task`.
 
 A task named `<queue>.<job>` runs on the `<queue>` bulkhead queue; anything else
-runs on `default`.
+runs on `default`. Each job goes through its dependency's policies
+(`tasks.policies`): breaker, bulkhead, degradation level, retry budget.
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from typing import Any
 
 from policies import keys
 from tasks.dependencies import dependency
+from tasks.policies import INVENTORY, NOTIFICATIONS, PAYMENTS
 from workers.app import app
 from workers.resources import policy_redis
+from workers.task import ResilientTask
 
 
 @app.task(name="bulwark.ping")
@@ -22,7 +25,14 @@ def ping(token: str) -> dict[str, Any]:
     return {"token": token, "worker": ping.request.hostname}
 
 
-@app.task(name="payments.charge")
+@app.task(
+    name="payments.charge",
+    base=ResilientTask,
+    breaker=PAYMENTS,
+    bulkhead=PAYMENTS,
+    service=PAYMENTS,
+    budget=PAYMENTS,
+)
 def charge(order_id: str, amount_cents: int) -> dict[str, Any]:
     """Charge an order through the payments gateway."""
     if amount_cents <= 0:
@@ -31,15 +41,35 @@ def charge(order_id: str, amount_cents: int) -> dict[str, Any]:
     return {"order_id": order_id, "receipt": receipt}
 
 
-@app.task(name="inventory.reserve")
+@app.task(
+    name="inventory.reserve",
+    base=ResilientTask,
+    breaker=INVENTORY,
+    bulkhead=INVENTORY,
+    budget=INVENTORY,
+)
 def reserve(sku: str, quantity: int) -> dict[str, Any]:
     """Reserve stock for an order."""
     dependency("inventory").call("reserve", sku=sku, quantity=quantity)
     return {"sku": sku, "reserved": quantity}
 
 
-@app.task(name="notifications.send")
+def _notify_later(recipient: str, template: str) -> dict[str, Any]:
+    """Fallback while notifications are degraded: keep the message for a later batch."""
+    policy_redis().rpush(keys.key("demo", "notifications", "later"), f"{recipient}:{template}")
+    return {"recipient": recipient, "template": template, "sent": False, "kept_for_later": True}
+
+
+@app.task(
+    name="notifications.send",
+    base=ResilientTask,
+    breaker=NOTIFICATIONS,
+    bulkhead=NOTIFICATIONS,
+    service=NOTIFICATIONS,
+    budget=NOTIFICATIONS,
+    fallback=_notify_later,
+)
 def send(recipient: str, template: str) -> dict[str, Any]:
     """Send a notification."""
     dependency("notifications").call("send", recipient=recipient, template=template)
-    return {"recipient": recipient, "template": template}
+    return {"recipient": recipient, "template": template, "sent": True}

@@ -6,15 +6,31 @@ needs its configuration, not at import.
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
 
 from workers.celeryconfig import build_config
 from workers.settings import get_settings
+from workers.task import ResilientTask
 
-app = Celery(
-    "bulwark",
-    include=["tasks.catalogue"],
-)
+
+class Bulwark(Celery):  # type: ignore[misc]
+    """Celery, plus a check of `ResilientTask` options when a task is declared.
+
+    Celery builds task classes lazily (when the app is finalized); Bulwark checks
+    a task's policy names and options when the decorator runs, so a typo fails
+    at import with a message naming it, not when the first job arrives.
+    """
+
+    def task(self, *args: Any, **opts: Any) -> Any:
+        base = opts.get("base")
+        if isinstance(base, type) and issubclass(base, ResilientTask):
+            base.check_options(opts)
+        return super().task(*args, **opts)
+
+
+app = Bulwark("bulwark", include=["tasks.catalogue"])
 app.add_defaults(lambda: build_config(get_settings()))
 
 # Signal handlers (readiness, heartbeats, preflight) live with the worker lifecycle.

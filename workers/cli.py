@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from policies.errors import PolicyConfigError
 from workers.embedded import RedisUnavailable
 from workers.settings import SettingsError, describe, get_settings
 
@@ -62,6 +63,51 @@ def _cmd_deadletter(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _load_catalogue() -> None:
+    """Import the task modules, so declared policies (and their overrides) are known."""
+    from workers.app import app
+
+    app.loader.import_default_modules()
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from workers.resources import policy_redis
+    from workers.status import fleet_status, render
+
+    status = fleet_status(policy_redis())
+    print(json.dumps(status, indent=2, default=str) if args.json else render(status))
+    return 0
+
+
+BREAKER_ACTIONS = {
+    "open": "force_open",
+    "close": "reset",
+    "reset": "reset",
+    "disable": "disable",
+    "metrics-only": "metrics_only",
+}
+
+
+def _cmd_breaker(args: argparse.Namespace) -> int:
+    from workers.guard import policy
+
+    _load_catalogue()
+    breaker = policy("breaker", args.name)
+    state = getattr(breaker, BREAKER_ACTIONS[args.action])()
+    print(f"breaker {args.name}: {state}")
+    return 0
+
+
+def _cmd_degrade(args: argparse.Namespace) -> int:
+    from workers.guard import policy
+
+    _load_catalogue()
+    service = policy("service", args.service)
+    state = service.set_level(args.level, args.reason)
+    print(f"service {args.service}: {state.from_level} -> {state.level} ({state.reason})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bulwark", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -83,6 +129,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", action="store_true")
     p.set_defaults(func=_cmd_settings)
 
+    p = sub.add_parser("status", help="breakers, bulkheads, degradation levels, dead letters")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser("breaker", help="operate a circuit breaker (fleet-wide)")
+    p.add_argument("action", choices=sorted(BREAKER_ACTIONS))
+    p.add_argument("name")
+    p.set_defaults(func=_cmd_breaker)
+
+    p = sub.add_parser("degrade", help="set a service's degradation level (fleet-wide)")
+    p.add_argument("service")
+    p.add_argument("level", choices=["full", "degraded", "minimal", "offline"])
+    p.add_argument("--reason", default="set by operator")
+    p.set_defaults(func=_cmd_degrade)
+
     p = sub.add_parser("deadletter", help="list or replay dead-lettered tasks")
     dsub = p.add_subparsers(dest="action", required=True)
     d = dsub.add_parser("list")
@@ -98,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (SettingsError, RedisUnavailable) as exc:
+    except (SettingsError, RedisUnavailable, PolicyConfigError) as exc:
         print(f"bulwark: {exc}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,162 @@
+"""`ResilientTask`: the Celery task base class that runs a job through the shared policies.
+
+    @app.task(base=ResilientTask, name="payments.charge",
+              breaker="payments", bulkhead="payments", service="payments")
+    def charge(order_id, amount_cents): ...
+
+Around `run()`: degradation level (local cache) -> breaker permit (local cache
+when closed) -> bulkhead lease (one Redis round trip) -> run -> breaker outcome
+and lease release (one pipelined round trip).
+
+What happens when the job cannot run now or fails:
+
+- an open breaker, a full bulkhead or a service level that refuses the call
+  DEFERS the task: it is re-sent with a countdown to when it may pass (plus
+  jitter), counted in its own deferral budget (`defer_max`), not in its
+  retries; past the budget it is dead-lettered;
+- a failure is classified (transient, timeout, rate-limited, permanent,
+  degraded) and the retry policy decides: retry with a countdown (the worker
+  slot is freed, nothing sleeps), the task's fallback, or the dead-letter
+  store with the reason;
+- retries spend the dependency's fleet-wide retry budget; when it is spent
+  the task is deferred instead of hammering the dependency.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+from celery import Task
+from celery.exceptions import Retry
+
+from policies import events
+from policies.deadletter import DeadLetter
+from policies.errors import PolicyConfigError, PolicyRejected
+from workers.registry import registry
+
+logger = logging.getLogger(__name__)
+
+DEFERRALS_HEADER = "bulwark_deferrals"
+ATTEMPT_HEADER = "bulwark_attempt"
+
+#: Options `app.task(...)` accepts that are not attributes of `celery.Task`.
+_DECORATOR_OPTIONS = frozenset({"name", "base", "bind", "shared", "filter", "lazy"})
+
+
+class ResilientTask(Task):  # type: ignore[misc]
+    """A Celery task whose run goes through breaker, bulkhead, degradation and retry policies."""
+
+    abstract = True
+    #: Names of declared policies (see `workers.registry`); None: not used.
+    breaker: str | None = None
+    bulkhead: str | None = None
+    service: str | None = None
+    #: Retry budget name; defaults to the breaker's name (one budget per dependency).
+    budget: str | None = None
+    #: Called with the task's arguments when the service refuses the call or a
+    #: failure is classified "degraded"; its return value becomes the result.
+    fallback: Callable[..., Any] | None = None
+    #: Deferrals before dead-lettering; None: the settings' BULWARK_DEFER_MAX.
+    defer_max: int | None = None
+
+    POLICY_OPTIONS: ClassVar[frozenset[str]] = frozenset(
+        {"breaker", "bulkhead", "service", "budget", "fallback", "defer_max"}
+    )
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> None:
+        """Refuse unknown options and undeclared policy names, at decoration time."""
+        unknown = sorted(
+            k
+            for k in options
+            if k not in cls.POLICY_OPTIONS and k not in _DECORATOR_OPTIONS and not hasattr(Task, k)
+        )
+        if unknown:
+            raise PolicyConfigError(
+                f"unknown task option(s) {', '.join(unknown)}; "
+                f"policy options are {', '.join(sorted(cls.POLICY_OPTIONS))}"
+            )
+        for kind in ("breaker", "bulkhead", "service", "budget"):
+            name = options.get(kind)
+            if name is not None:
+                registry.require(kind, name)
+        fallback = options.get("fallback")
+        if fallback is not None and not callable(fallback):
+            raise PolicyConfigError(f"fallback must be callable, got {fallback!r}")
+        defer_max = options.get("defer_max")
+        if defer_max is not None and (not isinstance(defer_max, int) or defer_max < 0):
+            raise PolicyConfigError(f"defer_max must be an int >= 0, got {defer_max!r}")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from workers.guard import guard_for
+
+        return guard_for(self).run(self, args, kwargs)
+
+    # -- rescheduling, shared by deferral and retry ---------------------------------------
+
+    def header(self, name: str, default: int = 0) -> int:
+        headers = self.request.headers or {}
+        value = headers.get(name, getattr(self.request, name, None))
+        try:
+            return int(value) if value is not None else default
+        except (TypeError, ValueError):
+            return default
+
+    def reschedule(self, countdown: float, *, reason: str, deferral: bool) -> Retry:
+        """Re-send this task with `countdown`; the returned `Retry` must be raised.
+
+        A deferral keeps the Celery retry count and bumps the deferral count;
+        a retry bumps both the Celery retry count and Bulwark's attempt.
+        """
+        request = self.request
+        headers = dict(request.headers or {})
+        if deferral:
+            headers[DEFERRALS_HEADER] = self.header(DEFERRALS_HEADER) + 1
+        else:
+            headers[ATTEMPT_HEADER] = self.header(ATTEMPT_HEADER, 1) + 1
+        retries = request.retries + (0 if deferral else 1)
+        signature = self.signature_from_request(
+            request, countdown=countdown, retries=retries, headers=headers
+        )
+        signature.apply_async()
+        return Retry(reason, None, when=countdown)
+
+    def dead_letter(self, reason: str, error: BaseException | None = None) -> DeadLetter:
+        from workers.resources import deadletters
+
+        request = self.request
+        letter = deadletters().add(
+            DeadLetter(
+                task_name=self.name,
+                task_id=request.id,
+                queue=(request.delivery_info or {}).get("routing_key"),
+                args=list(request.args or ()),
+                kwargs=dict(request.kwargs or {}),
+                reason=reason,
+                error=f"{type(error).__name__}: {error}" if error is not None else None,
+                attempts=self.header(ATTEMPT_HEADER, 1),
+            )
+        )
+        events.default_emitter.emit(
+            events.TaskDeadLettered(
+                policy="task",
+                name=self.name,
+                task_name=self.name,
+                task_id=request.id,
+                reason=reason,
+            )
+        )
+        return letter
+
+
+def jittered(seconds: float, cap: float) -> float:
+    """`seconds` plus up to 10 % (at least 50 ms) of jitter, capped: deferred tasks spread out."""
+    spread = max(0.05, seconds * 0.1)
+    return min(cap, max(0.0, seconds) + random.uniform(0.0, spread))
+
+
+def rejected_reason(error: PolicyRejected) -> str:
+    return f"{error.policy} {error.name!r}: {error.reason}"
