@@ -159,6 +159,14 @@ class CircuitBreaker:
         failed = self._booked(success, duration)
         self._step(lambda s: s.record(self.name, self.config, self._for(s, permit), failed))
 
+    def release(self, permit: Permit) -> None:
+        """Give back a permit whose call never ran: frees its trial slot, books no outcome.
+
+        Only a half-open trial permit costs a round trip; others are free to release.
+        """
+        if permit.trial and permit.source != "disabled":
+            self._step(lambda s: s.release(self.name, self.config, self._for(s, permit)))
+
     def record_in(
         self,
         pipe: redis.client.Pipeline,

@@ -164,6 +164,12 @@ class MemoryBreakerStore:
                 c.trip(config, now, why)
         return c.reply(False, c.opened_until - now if c.state == "open" else 0.0)
 
+    def release(self, name: str, config: BreakerConfig, permit: Permit) -> Reply:
+        with self._lock:
+            c = self._get(name)
+            c.trials.pop(permit.id, None)
+            return c.reply(False)
+
     def command(self, name: str, config: BreakerConfig, op: str) -> Reply:
         if op not in COMMANDS:
             raise ValueError(f"unknown breaker command {op!r}")

@@ -124,6 +124,8 @@ class BreakerStore(Protocol):
 
     def record(self, name: str, config: BreakerConfig, permit: Permit, failed: bool) -> Reply: ...
 
+    def release(self, name: str, config: BreakerConfig, permit: Permit) -> Reply: ...
+
     def command(self, name: str, config: BreakerConfig, op: str) -> Reply: ...
 
     def snapshot(self, name: str, config: BreakerConfig | None) -> BreakerSnapshot: ...
@@ -184,6 +186,9 @@ class RedisBreakerStore:
     ) -> None:
         """Queue the record step on `pipe`; parse its reply with `Reply.parse`."""
         self._run(name, self.record_args(name, config, permit, failed), client=pipe)
+
+    def release(self, name: str, config: BreakerConfig, permit: Permit) -> Reply:
+        return Reply.parse(self._run(name, [*self._args("release", name, config), permit.id]))
 
     def command(self, name: str, config: BreakerConfig, op: str) -> Reply:
         if op not in COMMANDS:

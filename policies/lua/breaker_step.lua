@@ -3,7 +3,7 @@
 --                       successes, window, k (the last two: config of the last writer, for snapshots)
 -- KEYS[2] window  hash  c:<bucket> calls, f:<bucket> failures; bucket = floor(now / (window / 10))
 -- KEYS[3] trials  zset  half-open trial permit id, scored by its lease expiry (server time)
--- ARGV[1]  op: acquire | record | force_open | reset | disable | metrics_only | snapshot
+-- ARGV[1]  op: acquire | record | release | force_open | reset | disable | metrics_only | snapshot
 -- ARGV[2]  pub/sub channel; "<gen> <state>" is PUBLISHed on it whenever the state changes
 -- ARGV[3]  time override in seconds, for tests only; "" in production (time from TIME)
 -- ARGV[4]  trip after this many consecutive failures (0 = rule off)
@@ -12,7 +12,7 @@
 -- ARGV[8]  open timeout seconds     ARGV[9]  timeout multiplier per repeated trip
 -- ARGV[10] maximum open timeout     ARGV[11] K: half-open trial slots (all must succeed)
 -- ARGV[12] trial lease seconds
--- ARGV[13] permit id (acquire: lease id if it becomes a trial; record: the permit's id)
+-- ARGV[13] permit id (acquire: lease id if it becomes a trial; record, release: the permit's id)
 -- ARGV[14] record: the permit's gen  ARGV[15] record: "1" if a trial permit
 -- ARGV[16] record: "1" if the call counts as a failure
 -- Config ARGV may be "" for snapshot (then the stored window and k are used).
@@ -137,6 +137,12 @@ if op == 'acquire' then
     return reply(1, wait, 0, 1)
   end
   return reply(1, 0, 0, 0)
+end
+
+if op == 'release' then
+  -- A trial call that never ran gives its slot back without an outcome.
+  redis.call('ZREM', T, ARGV[13])
+  return reply(0, 0, 0, 0)
 end
 
 if op == 'record' then

@@ -218,6 +218,16 @@ class TestOpenAndHalfOpen:
         b.record(again, success=True)
         assert b.snapshot().state == "closed"
 
+    def test_released_trial_slot_books_nothing(self, make: Make, clock: FakeClock) -> None:
+        b = make(trip=consecutive_failures(1), open_timeout=1, success_threshold=1)
+        fail(b)
+        clock.advance(1)
+        b.release(b.acquire())  # e.g. the bulkhead refused: the call never ran
+        snap = b.snapshot()
+        assert (snap.state, snap.trials_in_flight, snap.trial_successes) == ("half_open", 0, 0)
+        b.record(b.acquire(), success=True)
+        assert b.snapshot().state == "closed"
+
 
 class TestOperatorModes:
     """force_open, disable, metrics_only and reset do what operators expect."""
