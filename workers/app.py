@@ -27,6 +27,9 @@ class Bulwark(Celery):  # type: ignore[misc]
         base = opts.get("base")
         if isinstance(base, type) and issubclass(base, ResilientTask):
             base.check_options(opts)
+            if opts.get("fallback") is not None:
+                # A plain function as a class attribute would be bound to the task.
+                opts["fallback"] = staticmethod(opts["fallback"])
         return super().task(*args, **opts)
 
 

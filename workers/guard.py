@@ -157,8 +157,8 @@ class Guard:
             return self.bulkhead.try_acquire()
         except PolicyRejected as error:
             if permit is not None and self.breaker is not None:
-                # Nothing ran: give a half-open trial slot back as a success of nobody's.
-                self.breaker.record(permit, success=True, duration=0.0)
+                # Nothing ran: give a half-open trial slot back, booking no outcome.
+                self.breaker.release(permit)
             raise self._defer(task, error) from None
 
     def _after(
