@@ -50,6 +50,11 @@ def _settings_from_test_env(
         monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")  # nothing listens there
     settings.get_settings.cache_clear()
     resources._policy_redis.cache_clear()
+    from workers import guard
+    from workers.registry import registry
+
+    registry.forget_built()
+    guard._guard.cache_clear()
 
 
 @pytest.fixture

@@ -33,7 +33,7 @@ class Bulwark(Celery):  # type: ignore[misc]
         return super().task(*args, **opts)
 
 
-app = Bulwark("bulwark", include=["tasks.catalogue"])
+app = Bulwark("bulwark", include=["tasks.catalogue", "tasks.beat"])
 app.add_defaults(lambda: build_config(get_settings()))
 
 # Signal handlers (readiness, heartbeats, preflight) live with the worker lifecycle.

@@ -71,5 +71,8 @@ def build_config(settings: Settings) -> dict[str, Any]:
         "worker_hijack_root_logger": False,
         "timezone": "UTC",
         "enable_utc": True,
-        "beat_schedule": {},
+        "beat_schedule": {
+            # Automatic degradation and stepwise recovery of every declared service.
+            "policies-tick": {"task": "bulwark.policies.tick", "schedule": 10.0},
+        },
     }

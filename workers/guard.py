@@ -62,15 +62,25 @@ def build_bulkhead(decl: Declaration) -> Bulkhead:
 
 
 def build_service(decl: Declaration) -> Degradation:
-    options = {"enabled": get_settings().resilience.degradation_enabled, **decl.overrides}
+    r = get_settings().resilience
+    options = {
+        "enabled": r.degradation_enabled,
+        "recovery_step": r.degradation_recovery_step,
+        **decl.overrides,
+    }
     config = DegradationConfig(**options)
     return Degradation(decl.name, RedisDegradationStore(policy_redis()), config)
 
 
 def build_budget(decl: Declaration) -> RetryBudget:
-    return RetryBudget(
-        decl.name, BudgetConfig(**decl.overrides), store=RedisBudgetStore(policy_redis())
-    )
+    r = get_settings().resilience
+    options = {
+        "ratio": r.retry_budget_ratio,
+        "window": r.retry_budget_window,
+        "min_retries": r.retry_budget_min,
+        **decl.overrides,
+    }
+    return RetryBudget(decl.name, BudgetConfig(**options), store=RedisBudgetStore(policy_redis()))
 
 
 BUILDERS = {
@@ -86,6 +96,43 @@ def policy(kind: str, name: str) -> Any:
     return registry.build(kind, name, BUILDERS[kind])
 
 
+OPEN_STATES = frozenset({"open", "half_open", "forced_open"})
+
+
+def observe_service(name: str, *, breaker_open: bool | None = None) -> str | None:
+    """Apply the automatic degradation rule to service `name` from its breaker's state.
+
+    The breaker and the service of one dependency share its name. Returns the
+    new level if it changed.
+    """
+    service: Degradation = policy("service", name)
+    failures = 0
+    if breaker_open is None and any(d.name == name for d in registry.declared("breaker")):
+        snapshot = policy("breaker", name).snapshot()
+        breaker_open = snapshot.state in OPEN_STATES
+        failures = snapshot.window_failures
+    state = service.observe(breaker_open=bool(breaker_open), failures=failures)
+    return str(state.level) if state is not None and state.changed else None
+
+
+def observe_services() -> dict[str, Any]:
+    """`observe_service` for every declared service: what the beat tick runs."""
+    changes = {}
+    for decl in registry.declared("service"):
+        changed = observe_service(decl.name)
+        if changed is not None:
+            changes[decl.name] = changed
+    return changes
+
+
+def degrade_on_breaker(event: events.Event) -> None:
+    """Listener: a breaker of a declared service opened or closed -> re-assess the service now."""
+    if not isinstance(event, events.BreakerTransition):
+        return
+    if any(d.name == event.name for d in registry.declared("service")):
+        observe_service(event.name, breaker_open=event.to_state in OPEN_STATES)
+
+
 _listening = threading.Lock()
 _listeners_on = False
 
@@ -96,6 +143,7 @@ def ensure_listeners() -> None:
     with _listening:
         if not _listeners_on:
             events.default_emitter.subscribe(log_event)
+            events.default_emitter.subscribe(degrade_on_breaker)
             _listeners_on = True
 
 

@@ -174,6 +174,21 @@ class ResilienceSettings:
     degradation_enabled: bool = setting(
         "BULWARK_DEGRADATION_ENABLED", _bool(), True, "automatic degradation on"
     )
+    degradation_recovery_step: float = setting(
+        "BULWARK_DEGRADATION_RECOVERY_STEP",
+        _seconds(0.0, inclusive=True),
+        30.0,
+        "seconds of health before a degraded service recovers one level",
+    )
+    retry_budget_ratio: float = setting(
+        "BULWARK_RETRY_BUDGET_RATIO", _ratio(), 0.2, "retries allowed per call, fleet-wide"
+    )
+    retry_budget_window: float = setting(
+        "BULWARK_RETRY_BUDGET_WINDOW", _seconds(), 60.0, "sliding window of the retry budget"
+    )
+    retry_budget_min: int = setting(
+        "BULWARK_RETRY_BUDGET_MIN", _int(0), 10, "retries always allowed per window"
+    )
     defer_max: int = setting(
         "BULWARK_DEFER_MAX",
         _int(0),
