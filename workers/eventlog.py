@@ -10,7 +10,6 @@ from policies import events
 logger = logging.getLogger("bulwark.policies")
 
 _WARN = (
-    events.CallRejected,
     events.StoreUnavailable,
     events.TaskDeferred,
     events.TaskRetried,
@@ -55,7 +54,8 @@ def describe(event: events.Event) -> str:
 
 def log_event(event: events.Event) -> None:
     """Listener: log `event` at a level fitting its weight."""
-    if isinstance(event, events.CallRecorded | events.BulkheadChanged):
+    # A rejection is reported again, with its task, as TaskDeferred.
+    if isinstance(event, events.CallRecorded | events.BulkheadChanged | events.CallRejected):
         level = logging.DEBUG
     elif isinstance(event, events.TaskDeadLettered):
         level = logging.ERROR

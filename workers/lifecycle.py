@@ -65,6 +65,13 @@ def _beat(hostname: str, queues: list[str]) -> None:
         _stop.wait(ttl / 3)
 
 
+@signals.worker_process_init.connect
+def _on_worker_process_init(**_: Any) -> None:
+    from workers.guard import ensure_listeners
+
+    ensure_listeners()
+
+
 @signals.worker_ready.connect
 def _on_worker_ready(sender: Any = None, **_: Any) -> None:
     hostname = sender.hostname

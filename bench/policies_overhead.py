@@ -1,0 +1,272 @@
+"""What the shared policies cost, against plain Celery in the same run.
+
+    .venv/bin/python bench/policies_overhead.py [--tasks 2000] [--rounds 3]
+
+Prints, on a private redis-server and a real prefork worker:
+
+1. throughput of a no-op task, plain vs through breaker + bulkhead
+   (`ResilientTask`), and their ratio (target >= 0.9);
+2. Redis commands per task that the policies add (INFO commandstats);
+3. network round trips per call on the policy client (counted on the
+   connection, in-process, on the production code path; target <= 2);
+4. breaker-open propagation latency between two processes (pub/sub
+   invalidation of the local cache; target p99 <= 100 ms).
+
+Figures, not asserts: run it on a quiet machine and read them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from policies import keys  # noqa: E402
+from workers.embedded import EmbeddedRedis  # noqa: E402
+
+DONE = keys.key("bench", "tasks", "done")
+HOST = "bench@local"
+
+
+# -- 1 and 2: throughput and commands per task through a real worker --------------------------
+
+
+def start_worker(url: str, log: Path) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "REDIS_URL": url,
+        "PYTHONPATH": str(ROOT),
+        "BULWARK_LOG_LEVEL": "warning",
+    }
+    command = [
+        sys.executable, "-m", "celery", "-A", "bench.benchtasks", "worker",
+        "-Q", "alerts", "-n", HOST, "-c", "2", "--without-mingle", "--without-gossip",
+        "--loglevel=WARNING",
+    ]  # fmt: skip
+    return subprocess.Popen(
+        command, env=env, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT
+    )
+
+
+def commands(client: redis.Redis) -> dict[str, int]:
+    stats = client.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+
+
+def one_run(app: Any, client: redis.Redis, task: str, n: int) -> tuple[float, dict[str, int]]:
+    """Fill the queue with `n` tasks, let the worker drain it; (tasks/s, commands used)."""
+    client.delete(DONE)
+    for i in range(n):
+        app.send_task(task, args=[i], queue="default")
+    client.config_resetstat()
+    started = time.perf_counter()
+    app.control.add_consumer("default", destination=[HOST], reply=True, timeout=5)
+    while int(client.get(DONE) or 0) < n:
+        time.sleep(0.002)
+    elapsed = time.perf_counter() - started
+    used = commands(client)
+    app.control.cancel_consumer("default", destination=[HOST], reply=True, timeout=5)
+    return n / elapsed, used
+
+
+def throughput(url: str, n: int, rounds: int, workdir: Path) -> None:
+    from workers.client import client as make_client
+
+    os.environ["REDIS_URL"] = url
+    app = make_client()
+    client = redis.Redis.from_url(url)
+    worker = start_worker(url, workdir / "worker.log")
+    try:
+        deadline = time.monotonic() + 30
+        while not client.exists(keys.key("worker", HOST, "heartbeat")):
+            if time.monotonic() > deadline or worker.poll() is not None:
+                raise SystemExit("bench worker did not start; see " + str(workdir / "worker.log"))
+            time.sleep(0.05)
+        one_run(app, client, "bench.guarded", 200)  # warm up: scripts loaded, caches filled
+        one_run(app, client, "bench.plain", 200)
+        rates: dict[str, list[float]] = {"bench.plain": [], "bench.guarded": []}
+        used: dict[str, dict[str, int]] = {}
+        for _ in range(rounds):
+            for task in ("bench.plain", "bench.guarded"):
+                rate, used[task] = one_run(app, client, task, n)
+                rates[task].append(rate)
+    finally:
+        worker.terminate()
+        worker.wait(20)
+    plain = statistics.median(rates["bench.plain"])
+    guarded = statistics.median(rates["bench.guarded"])
+    print(f"1. throughput, {n} no-op tasks x {rounds} rounds, prefork -c 2 (median):")
+    print(f"   plain Celery            {plain:8.0f} tasks/s   {_runs(rates['bench.plain'])}")
+    print(f"   breaker + bulkhead      {guarded:8.0f} tasks/s   {_runs(rates['bench.guarded'])}")
+    print(f"   ratio                   {guarded / plain:8.2f}   (target >= 0.9)")
+    print("2. Redis commands per task, last round (INFO commandstats):")
+    names = sorted(set(used["bench.plain"]) | set(used["bench.guarded"]))
+    added_total = 0.0
+    for name in names:
+        p = used["bench.plain"].get(name, 0) / n
+        g = used["bench.guarded"].get(name, 0) / n
+        if abs(g - p) >= 0.05 or name in ("evalsha", "eval"):
+            print(f"   {name:22} plain {p:6.2f}   guarded {g:6.2f}   added {g - p:+6.2f}")
+        added_total += g - p
+    print(f"   {'all commands':22} added per task {added_total:+.2f}")
+
+
+def _runs(values: list[float]) -> str:
+    return "(" + ", ".join(f"{v:.0f}" for v in values) + ")"
+
+
+# -- 3: round trips per call on the production code path --------------------------------------
+
+
+class CountingConnection(redis.Connection):
+    sent = 0
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        CountingConnection.sent += 1
+        super().send_packed_command(command, check_health)
+
+
+class _Request:
+    called_directly = True
+    id = "bench"
+    headers: ClassVar[dict[str, Any]] = {}
+
+
+class _Task:
+    """The attributes `Guard.run` reads from a Celery task."""
+
+    name = "bench.guarded"
+    fallback = None
+    request = _Request()
+
+    def run(self, i: int) -> int:
+        return i
+
+    def header(self, name: str, default: int = 0) -> int:
+        return default
+
+
+def round_trips(url: str, calls: int = 2000) -> None:
+    from policies.breaker import BreakerConfig, CircuitBreaker, RedisBreakerStore
+    from policies.bulkhead import Bulkhead, BulkheadConfig
+    from policies.retry import RetryPolicy
+    from policies.watch import feed_for
+    from workers.guard import Guard
+
+    pool = redis.ConnectionPool.from_url(url, connection_class=CountingConnection)
+    client = redis.Redis(connection_pool=pool)
+    breaker = CircuitBreaker("rt", BreakerConfig(), RedisBreakerStore(client))
+    bulkhead = Bulkhead("rt", client, BulkheadConfig(limit=10))
+    guard = Guard(
+        breaker=breaker,
+        bulkhead=bulkhead,
+        service=None,
+        budget=None,
+        retry=RetryPolicy.from_settings(),
+        defer_max=10,
+        defer_cap=60.0,
+        client=client,
+    )
+    task = _Task()
+    for i in range(50):  # warm up: scripts loaded, change feed subscribed, cache filled
+        guard.run(task, (i,), {})  # type: ignore[arg-type]
+    feed_for(client).wait_healthy(5)
+    guard.run(task, (0,), {})  # type: ignore[arg-type]
+    before = CountingConnection.sent
+    started = time.perf_counter()
+    for i in range(calls):
+        guard.run(task, (i,), {})  # type: ignore[arg-type]
+    elapsed = time.perf_counter() - started
+    per_call = (CountingConnection.sent - before) / calls
+    print("3. round trips per call on the policy client (breaker + bulkhead, closed, happy path):")
+    print(f"   {per_call:.2f} round trips per call   (target <= 2: one before, one after)")
+    print(f"   {elapsed / calls * 1e6:.0f} us per call in-process, policies only")
+
+
+# -- 4: breaker-open propagation between two processes ----------------------------------------
+
+
+def _watcher(url: str, conn: Any) -> None:
+    from policies.breaker import BreakerConfig, CircuitBreaker, RedisBreakerStore
+    from policies.errors import CircuitOpen
+    from policies.watch import feed_for
+
+    client = redis.Redis.from_url(url)
+    breaker = CircuitBreaker("propagation", BreakerConfig(), RedisBreakerStore(client))
+    breaker.acquire()
+    feed_for(client).wait_healthy(5)
+    while True:
+        message = conn.recv()
+        if message == "stop":
+            return
+        # Wait until this process admits from its cache again (closed), then report ready.
+        while True:
+            try:
+                breaker.acquire()
+                break
+            except CircuitOpen:
+                time.sleep(0.001)
+        conn.send("ready")
+        while True:
+            try:
+                breaker.acquire()  # no round trip while the cache says closed
+            except CircuitOpen:
+                conn.send(time.time())
+                break
+
+
+def propagation(url: str, trials: int = 200) -> None:
+    from policies.breaker import BreakerConfig, CircuitBreaker, RedisBreakerStore
+
+    client = redis.Redis.from_url(url)
+    breaker = CircuitBreaker("propagation", BreakerConfig(), RedisBreakerStore(client))
+    ctx = mp.get_context("spawn")
+    here, there = ctx.Pipe()
+    watcher = ctx.Process(target=_watcher, args=(url, there), daemon=True)
+    watcher.start()
+    latencies = []
+    for _ in range(trials):
+        breaker.reset()
+        here.send("go")
+        assert here.recv() == "ready"
+        time.sleep(0.002)
+        breaker.force_open()
+        opened = time.time()
+        seen = here.recv()
+        latencies.append((seen - opened) * 1000)
+    here.send("stop")
+    watcher.join(5)
+    latencies.sort()
+    p50 = latencies[len(latencies) // 2]
+    p99 = latencies[int(len(latencies) * 0.99) - 1]
+    print(f"4. breaker-open propagation to another process, {trials} trials:")
+    print(
+        f"   p50 {p50:.2f} ms   p99 {p99:.2f} ms   max {latencies[-1]:.2f} ms   (target p99 <= 100)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tasks", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    with EmbeddedRedis() as server:
+        assert server.dir is not None
+        throughput(server.url, args.tasks, args.rounds, server.dir)
+        round_trips(server.url)
+        propagation(server.url)
+
+
+if __name__ == "__main__":
+    main()
