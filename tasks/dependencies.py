@@ -1,7 +1,8 @@
 """Stand-ins for the downstream services the catalogue calls.
 
-Each simulated dependency reads its condition from Redis, so every worker in
-the fleet sees the same outage: `bulwark demo` (or a test) sets it with
+Each simulated dependency reads its condition from the broker's Redis (not
+the policies' Redis: a dependency is somewhere else), so every worker in the
+fleet sees the same outage: `bulwark demo` (or a test) sets it with
 `set_outage(...)`. During an outage a call raises `DependencyDown` (a
 `ConnectionError`, so it is classified transient); otherwise it returns after
 a short simulated latency.
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from policies import keys
-from workers.resources import policy_redis
+from workers.resources import broker_redis
 
 
 class DependencyDown(ConnectionError):
@@ -36,7 +37,7 @@ class Dependency:
         return keys.key("demo", self.name, "calls")
 
     def call(self, operation: str, **params: Any) -> str:
-        client = policy_redis()
+        client = broker_redis()
         with client.pipeline(transaction=False) as pipe:
             pipe.incr(self._calls_key)
             pipe.exists(self._outage_key)
@@ -48,14 +49,14 @@ class Dependency:
 
     def set_outage(self, seconds: float) -> None:
         """Make the dependency fail for `seconds` (0 ends the outage now)."""
-        client = policy_redis()
+        client = broker_redis()
         if seconds <= 0:
             client.delete(self._outage_key)
         else:
             client.set(self._outage_key, "1", px=int(seconds * 1000))
 
     def calls(self) -> int:
-        return int(policy_redis().get(self._calls_key) or 0)
+        return int(broker_redis().get(self._calls_key) or 0)
 
 
 def dependency(name: str) -> Dependency:

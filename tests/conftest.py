@@ -49,7 +49,7 @@ def _settings_from_test_env(
     else:
         monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")  # nothing listens there
     settings.get_settings.cache_clear()
-    resources._policy_redis.cache_clear()
+    resources.forget_clients()
     from workers import guard
     from workers.registry import registry
 

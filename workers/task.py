@@ -29,6 +29,7 @@ import random
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
+import redis
 from celery import Task
 from celery.exceptions import Retry
 
@@ -41,6 +42,8 @@ logger = logging.getLogger(__name__)
 
 DEFERRALS_HEADER = "bulwark_deferrals"
 ATTEMPT_HEADER = "bulwark_attempt"
+#: Seconds before a task whose dead-lettering failed (store unreachable) comes back.
+DEADLETTER_RETRY = 5.0
 
 #: Options `app.task(...)` accepts that are not attributes of `celery.Task`.
 _DECORATOR_OPTIONS = frozenset({"name", "base", "bind", "shared", "filter", "lazy"})
@@ -125,6 +128,20 @@ class ResilientTask(Task):  # type: ignore[misc]
         return Retry(reason, None, when=countdown)
 
     def dead_letter(self, reason: str, error: BaseException | None = None) -> DeadLetter:
+        """Keep this task in the dead-letter store with `reason`.
+
+        If the store cannot be reached the task is not lost: it is re-sent with
+        a countdown (a deferral), and comes back here once the store answers.
+        """
+        try:
+            return self._store_dead_letter(reason, error)
+        except redis.RedisError as exc:
+            logger.error("dead-letter store unreachable (%s); deferring %s", exc, self.request.id)
+            raise self.reschedule(
+                DEADLETTER_RETRY, reason=f"dead-letter store unreachable: {reason}", deferral=True
+            ) from exc
+
+    def _store_dead_letter(self, reason: str, error: BaseException | None) -> DeadLetter:
         from workers.resources import deadletters
 
         request = self.request
