@@ -33,8 +33,12 @@ class Bulwark(Celery):  # type: ignore[misc]
         return super().task(*args, **opts)
 
 
-app = Bulwark("bulwark", include=["tasks.catalogue", "tasks.beat"])
+app = Bulwark("bulwark", include=["tasks.catalogue", "tasks.beat", "tasks.health", "tasks.alerts"])
 app.add_defaults(lambda: build_config(get_settings()))
 
-# Signal handlers (readiness, heartbeats, preflight) live with the worker lifecycle.
-import workers.lifecycle  # noqa: E402,F401
+# Signal handlers live with what they serve: lifecycle (preflight, readiness,
+# heartbeats), logs, tracing and metrics (each set up after the worker forks).
+import workers.lifecycle  # noqa: E402
+import workers.logs  # noqa: E402
+import workers.metrics  # noqa: E402
+import workers.tracing  # noqa: E402,F401

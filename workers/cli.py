@@ -144,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reason", default="set by operator")
     p.set_defaults(func=_cmd_degrade)
 
+    from workers import alerts, health
+
+    health.register_cli(sub)
+    alerts.register_cli(sub)
+
     p = sub.add_parser("deadletter", help="list or replay dead-lettered tasks")
     dsub = p.add_subparsers(dest="action", required=True)
     d = dsub.add_parser("list")

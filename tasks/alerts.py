@@ -1,0 +1,1 @@
+"""Alert evaluation and dispatch, on the `alerts` queue. (issue 4: in progress)"""

@@ -1,0 +1,1 @@
+"""Beat-driven health checks. (issue 4: in progress)"""

@@ -1,0 +1,1 @@
+"""OpenTelemetry tracing, set up per process after fork. (issue 4: in progress)"""
