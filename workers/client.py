@@ -33,7 +33,15 @@ PRODUCER_KEYS = (
 
 
 def client(settings: Settings | None = None, *, name: str = "bulwark-client") -> Celery:
-    """A Celery app that only produces: routes task names to Bulwark's queues."""
+    """A Celery app that only produces: routes task names to Bulwark's queues.
+
+    Tracing is set up for this process (once): each send gets a producer span
+    whose context travels in the message headers, so the worker's span of the
+    task is its child (see `workers.tracing`).
+    """
+    from workers import tracing
+
+    tracing.setup_producer()
     config = build_config(settings or get_settings())
     app = Celery(name)
     app.conf.update({k: config[k] for k in PRODUCER_KEYS})
