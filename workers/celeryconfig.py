@@ -74,5 +74,10 @@ def build_config(settings: Settings) -> dict[str, Any]:
         "beat_schedule": {
             # Automatic degradation and stepwise recovery of every declared service.
             "policies-tick": {"task": "bulwark.policies.tick", "schedule": 10.0},
+            # Fleet health checks; results in Redis feed `bulwark health`, metrics and alerts.
+            "health-check": {
+                "task": "bulwark.health.check",
+                "schedule": settings.observability.health_check_interval,
+            },
         },
     }

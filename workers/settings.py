@@ -204,6 +204,90 @@ class ResilienceSettings:
 class ObservabilitySettings:
     """Metrics, traces, logs and health checks."""
 
+    alert_evaluate_interval: float = setting(
+        "BULWARK_ALERT_EVALUATE_INTERVAL",
+        _seconds(),
+        10.0,
+        "seconds between alert rule evaluations",
+    )
+    alert_group_wait: float = setting(
+        "BULWARK_ALERT_GROUP_WAIT",
+        _seconds(0.0, inclusive=True),
+        5.0,
+        "seconds a new alert group waits for more alerts before its first notification",
+    )
+    alert_group_by: tuple[str, ...] = setting(
+        "BULWARK_ALERT_GROUP_BY",
+        _names(),
+        ("service",),
+        "labels that group alerts into one notification",
+    )
+    alert_repeat_interval: float = setting(
+        "BULWARK_ALERT_REPEAT_INTERVAL",
+        _seconds(),
+        3600.0,
+        "seconds before an unchanged firing alert is sent again",
+    )
+    alert_watchdog_interval: float = setting(
+        "BULWARK_ALERT_WATCHDOG_INTERVAL",
+        _seconds(),
+        300.0,
+        "seconds between Watchdog (dead-man's switch) notifications",
+    )
+    alert_backlog_threshold: int = setting(
+        "BULWARK_ALERT_BACKLOG_THRESHOLD",
+        _int(1),
+        1000,
+        "messages waiting in one queue above which a backlog alert fires",
+    )
+    alert_deadletter_window: float = setting(
+        "BULWARK_ALERT_DEADLETTER_WINDOW",
+        _seconds(),
+        300.0,
+        "seconds a dead-letter growth alert keeps firing after the last new dead letter",
+    )
+    alert_log: bool = setting("BULWARK_ALERT_LOG", _bool(), True, "log every alert notification")
+    alert_webhook_url: str | None = setting(
+        "BULWARK_ALERT_WEBHOOK_URL",
+        _url("http", "https"),
+        None,
+        "generic webhook for alerts (JSON, HMAC-SHA256 signed with BULWARK_ALERT_WEBHOOK_SECRET)",
+    )
+    alert_slack_url: str | None = setting(
+        "BULWARK_ALERT_SLACK_URL",
+        _url("http", "https"),
+        None,
+        "Slack-compatible webhook for alerts",
+    )
+    alertmanager_url: str | None = setting(
+        "BULWARK_ALERTMANAGER_URL",
+        _url("http", "https"),
+        None,
+        "Prometheus Alertmanager base URL (alerts POSTed to /api/v2/alerts)",
+    )
+    alert_smtp_host: str | None = setting(
+        "BULWARK_ALERT_SMTP_HOST", _text(), None, "SMTP server for alert email (unset: no email)"
+    )
+    alert_smtp_port: int = setting("BULWARK_ALERT_SMTP_PORT", _int(1), 25, "SMTP port")
+    alert_smtp_starttls: bool = setting(
+        "BULWARK_ALERT_SMTP_STARTTLS", _bool(), False, "upgrade the SMTP connection with STARTTLS"
+    )
+    alert_smtp_user: str | None = setting(
+        "BULWARK_ALERT_SMTP_USER",
+        _text(),
+        None,
+        "SMTP login user (password: BULWARK_ALERT_SMTP_PASSWORD)",
+    )
+    alert_email_from: str = setting(
+        "BULWARK_ALERT_EMAIL_FROM", _text(), "bulwark@localhost", "sender of alert email"
+    )
+    alert_email_to: str | None = setting(
+        "BULWARK_ALERT_EMAIL_TO", _text(), None, "comma-separated recipients of alert email"
+    )
+    alert_sink_timeout: float = setting(
+        "BULWARK_ALERT_SINK_TIMEOUT", _seconds(), 5.0, "seconds one alert sink call may take"
+    )
+
     health_check_interval: float = setting(
         "BULWARK_HEALTH_CHECK_INTERVAL", _seconds(), 30.0, "seconds between fleet health checks"
     )
@@ -220,6 +304,36 @@ class ObservabilitySettings:
     heartbeat_ttl: float = setting(
         "BULWARK_HEARTBEAT_TTL", _seconds(), 30.0, "seconds a worker heartbeat key lives"
     )
+    http_host: str = setting(
+        "BULWARK_HTTP_HOST",
+        _text(),
+        "127.0.0.1",
+        "address each worker's /metrics, /healthz, /readyz server binds to",
+    )
+    http_port: int = setting(
+        "BULWARK_HTTP_PORT",
+        _int(0),
+        0,
+        "port of that server (0: a free port, advertised in Redis; the Procfile sets one each)",
+    )
+    metrics_dir: str | None = setting(
+        "BULWARK_METRICS_DIR",
+        _text(),
+        None,
+        "folder for multiprocess metric files, one subfolder per worker (default: the temp dir)",
+    )
+    liveness_stale: float = setting(
+        "BULWARK_LIVENESS_STALE",
+        _seconds(),
+        60.0,
+        "seconds without an event-loop turn (broker connected) before /healthz fails",
+    )
+    health_backlog_threshold: int = setting(
+        "BULWARK_HEALTH_BACKLOG_THRESHOLD",
+        _int(1),
+        1000,
+        "ready messages in one queue above which the backlog check reports degraded",
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -235,6 +349,16 @@ class SecuritySettings:
         secret=True,
     )
     flower_port: int = setting("BULWARK_FLOWER_PORT", _int(1), 5555, "Flower port on 127.0.0.1")
+    alert_webhook_secret: str | None = setting(
+        "BULWARK_ALERT_WEBHOOK_SECRET",
+        _text(),
+        None,
+        "shared secret of the alert webhook's HMAC-SHA256 signature",
+        secret=True,
+    )
+    alert_smtp_password: str | None = setting(
+        "BULWARK_ALERT_SMTP_PASSWORD", _text(), None, "SMTP login password", secret=True
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -336,6 +460,10 @@ class Settings:
                     f"the longest countdown plus BULWARK_TASK_TIME_LIMIT ({needed:g} s), or Redis "
                     "redelivers tasks that are still waiting or running"
                 ]
+            )
+        if self.observability.alert_webhook_url and not self.security.alert_webhook_secret:
+            raise SettingsError(
+                ["BULWARK_ALERT_WEBHOOK_URL needs BULWARK_ALERT_WEBHOOK_SECRET (the HMAC key)"]
             )
         clash = {DEFAULT_QUEUE, ALERTS_QUEUE, DEADLETTER_QUEUE} & set(self.scaling.queues)
         if clash:

@@ -1,0 +1,88 @@
+"""A real worker's /metrics over HTTP: prefork children's counts, histograms, queue gauges."""
+
+from __future__ import annotations
+
+import os
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.kit import poll
+from workers.client import client
+from workers.http import wait_address
+from workers.metrics import queue_depths, unacked_by_queue
+
+pytestmark = pytest.mark.integration
+
+
+def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def sample(samples: dict, name: str, **labels: str) -> float:  # type: ignore[type-arg]
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+class TestWorkerMetrics:
+    """Counters move after real tasks, counted in prefork children and summed by the worker."""
+
+    def test_counts_histograms_and_queue_gauges(
+        self, r: redis.Redis, start_worker, tmp_path: Path
+    ) -> None:
+        folder = tmp_path / "metrics"
+        worker = start_worker(["default"], name="metered", env={"BULWARK_METRICS_DIR": str(folder)})
+        url = wait_address(r, worker.hostname)["url"]
+        app = client()
+        good = [app.send_task("bulwark.ping", args=[uuid.uuid4().hex]) for _ in range(6)]
+        bad = app.send_task("bulwark.ping", args=[])  # TypeError in the task: failed
+        for result in good:
+            result.get(timeout=30)
+        with pytest.raises(TypeError):
+            bad.get(timeout=30, propagate=True)
+        task, queue = "bulwark.ping", "default"
+
+        def counted() -> dict | None:  # type: ignore[type-arg]
+            s = scrape(url)
+            done = sample(s, "bulwark_tasks_total", task=task, queue=queue, state="failed")
+            return s if done >= 1 else None
+
+        s = poll(counted, deadline=30, what="failed task counted")
+        assert sample(s, "bulwark_tasks_total", task=task, queue=queue, state="received") == 7
+        assert sample(s, "bulwark_tasks_total", task=task, queue=queue, state="started") == 7
+        assert sample(s, "bulwark_tasks_total", task=task, queue=queue, state="succeeded") == 6
+        assert sample(s, "bulwark_tasks_total", task=task, queue=queue, state="failed") == 1
+        assert sample(s, "bulwark_task_runtime_seconds_count", task=task, queue=queue) == 7
+        assert sample(s, "bulwark_task_queue_wait_seconds_count", task=task, queue=queue) == 7
+        # No hostname label on task counters.
+        assert not any(
+            name == "bulwark_tasks_total" and "hostname" in dict(labels) for name, labels in s
+        )
+        # Tasks ran in children: their pids wrote the sample files the worker summed.
+        main_pid = worker.process.pid
+        writers = {int(p.stem.rsplit("_", 1)[1]) for p in (folder / "metered@test").glob("*.db")}
+        assert writers - {main_pid}, f"only the main process wrote metrics: {writers}"
+
+        # A task with a countdown is reserved by the worker: unacked, not ready.
+        later = app.send_task("bulwark.ping", args=["later"], countdown=120)
+        broker = redis.Redis.from_url(os.environ["REDIS_URL"])
+        poll(lambda: unacked_by_queue(broker).get("default", 0) >= 1, what="reserved task")
+        later.revoke()
+
+    def test_queue_depth_counts_priority_sub_queues(self, r: redis.Redis) -> None:
+        app = client()
+        for priority in (None, 0, 5, 9):
+            options = {} if priority is None else {"priority": priority}
+            app.send_task("inventory.reserve", args=["sku", 1], **options)
+        sub_queues = [k for k in r.keys("inventory*") if k != b"inventory"]
+        assert sub_queues, "priorities landed in kombu's sub-queue lists"
+        assert queue_depths(r, ["inventory", "payments"]) == {"inventory": 4, "payments": 0}
