@@ -31,6 +31,8 @@ Status = Literal["healthy", "degraded", "unhealthy"]
 SEVERITY: dict[str, int] = {"healthy": 0, "degraded": 1, "unhealthy": 2}
 RESULTS_KEY = keys.key("health", "fleet", "results")
 LAST_RUN_KEY = keys.key("health", "fleet", "last_run")
+#: Breaker states that refuse (some) calls.
+REFUSING = frozenset({"open", "half_open", "forced_open"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +120,7 @@ def check_breakers(ctx: HealthContext) -> Outcome:
     from policies.breaker import list_breakers
 
     breakers = list_breakers(ctx.policy)
-    refusing = sorted(f"{b.name} ({b.state})" for b in breakers if b.circuit != "closed")
+    refusing = sorted(f"{b.name} ({b.state})" for b in breakers if b.state in REFUSING)
     if refusing:
         return Outcome("degraded", "breakers not closed: " + ", ".join(refusing))
     return Outcome("healthy", f"{len(breakers)} breakers closed")

@@ -242,12 +242,8 @@ def ensure_listener() -> None:
 
 
 def _current_queue(task_id: str | None) -> str | None:
-    from celery import current_task
-
-    task = current_task
-    if task is None or task_id is None or task.request.id != task_id:
-        return None
-    return _queue_of(task.request)
+    """The queue of a task running in this process (seen at its prerun)."""
+    return _running.get(task_id) if task_id else None
 
 
 def _queue_of(request: Any) -> str | None:
@@ -285,6 +281,7 @@ def queue_wait(request: Any, started: float) -> float | None:
 # -- Celery signals (connected at import; nothing built until they fire) ------------------------
 
 _started: dict[str, float] = {}
+_running: dict[str, str | None] = {}
 
 
 @signals.before_task_publish.connect
@@ -306,9 +303,10 @@ def _on_received(request: Any = None, **_: Any) -> None:
 @signals.task_prerun.connect
 def _on_prerun(task_id: str | None = None, task: Any = None, **_: Any) -> None:
     now = time.time()
+    queue = _queue_of(task.request)
     if task_id:
         _started[task_id] = time.perf_counter()
-    queue = _queue_of(task.request)
+        _running[task_id] = queue
     m = metrics()
     m.task("started", task.name, queue)
     waited = queue_wait(task.request, now)
@@ -323,6 +321,7 @@ def _on_postrun(
     queue = _queue_of(task.request)
     m = metrics()
     began = _started.pop(task_id, None) if task_id else None
+    _running.pop(task_id or "", None)
     if began is not None:
         m.runtime.labels(task=task.name, queue=queue or "unknown").observe(
             time.perf_counter() - began
@@ -353,6 +352,7 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
 @signals.worker_process_init.connect
 def _on_worker_process_init(**_: Any) -> None:
     _started.clear()
+    _running.clear()
     _deferred.clear()
     ensure_listener()
 
@@ -591,5 +591,5 @@ class FleetCollector:
         from prometheus_client import CollectorRegistry, generate_latest
 
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(self)  # type: ignore[arg-type]
+        registry.register(self)
         return generate_latest(registry)
