@@ -45,6 +45,8 @@ from policies.breaker_store import (
 )
 from policies.clock import Clock, monotonic
 from policies.errors import CircuitOpen
+from policies.outage import STORE_ERRORS, Outage
+from policies.scripts import Queued
 
 __all__ = [
     "BreakerConfig",
@@ -83,15 +85,24 @@ class PendingRecord:
     breaker: CircuitBreaker
     permit: Permit
     failed: bool
-    #: Position of the step in the pipeline; None if it was recorded without the pipeline.
-    index: int | None
+    #: The step queued on the pipeline; None if it was recorded without the pipeline.
+    queued: Queued | None
     trust: int | None = None
 
+    @property
+    def index(self) -> int | None:
+        """Position of the step in the pipeline's results (None: nothing was queued)."""
+        return None if self.queued is None else self.queued.index
+
     def settle(self, replies: list[Any] | BaseException) -> None:
-        """Book the reply of `pipe.execute(raise_on_error=False)`, or the error it raised."""
-        if self.index is None:
+        """Book the reply of `pipe.execute(raise_on_error=False)`, or the error it raised.
+
+        NOSCRIPT (a restarted server) runs the step again directly; any other
+        error books the outcome on the local fallback.
+        """
+        if self.queued is None:
             return
-        raw = replies if isinstance(replies, BaseException) else replies[self.index]
+        raw = self.queued.reply(replies)
         if isinstance(raw, BaseException):
             self.breaker._record_locally(self.permit, self.failed, raw)
         else:
@@ -121,7 +132,15 @@ class CircuitBreaker:
         self._feed_losses = 0
         self._watch_pid = 0
         self._local: MemoryBreakerStore | None = None
-        self._retry_at = 0.0
+        mode = "local fail-open" if self.config.on_store_error == "fail_open" else "fail-closed"
+        self._outage = Outage(
+            policy="breaker",
+            name=name,
+            mode=mode,
+            emitter=self._emitter,
+            probe_interval=self.config.store_retry_interval,
+            clock=clock,
+        )
         self._lock = threading.Lock()  # outage bookkeeping only; never held around a call
 
     # -- the call path -------------------------------------------------------------------------
@@ -188,9 +207,8 @@ class CircuitBreaker:
             self.record(permit, success, duration)
             return PendingRecord(self, permit, False, None)
         failed = self._booked(success, duration)
-        index = len(pipe)
-        store.queue_record(pipe, self.name, self.config, permit, failed)
-        return PendingRecord(self, permit, failed, index, self._trust())
+        queued = store.queue_record(pipe, self.name, self.config, permit, failed)
+        return PendingRecord(self, permit, failed, queued, self._trust())
 
     def classify(self, exc: BaseException) -> bool:
         """True if `exc` counts as a failure (config: counts, else record_on minus ignore)."""
@@ -253,7 +271,7 @@ class CircuitBreaker:
         store = self._local if self._local is not None else self.store
         try:
             return store.snapshot(self.name, self.config)
-        except redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             return self._enter_outage(exc).snapshot(self.name, self.config)
 
     def _command(self, op: str) -> str:
@@ -322,11 +340,11 @@ class CircuitBreaker:
     ) -> tuple[Reply, BreakerStore]:
         """Run one step on the shared store, or on the local fallback while Redis is down."""
         local = self._local
-        if local is None or self._clock() >= self._retry_at:
+        if local is None or self._outage.should_try():
             trust = self._trust()
             try:
                 reply = step(self.store)
-            except redis.RedisError as exc:
+            except STORE_ERRORS as exc:
                 local = self._enter_outage(exc)
             else:
                 if local is not None:
@@ -334,7 +352,7 @@ class CircuitBreaker:
                 self._after(reply, self.store, trust)
                 return reply, self.store
         if refuse_local and self.config.on_store_error == "fail_closed":
-            self._reject("store_unavailable", max(0.0, self._retry_at - self._clock()))
+            self._reject("store_unavailable", self._outage.next_try_in())
         reply = step(local)
         self._after(reply, local)
         return reply, local
@@ -386,21 +404,15 @@ class CircuitBreaker:
 
     def _enter_outage(self, exc: BaseException) -> MemoryBreakerStore:
         with self._lock:
-            self._retry_at = self._clock() + self.config.store_retry_interval
-            local, first = self._local, self._local is None
+            local = self._local
             if local is None:
                 local = self._local = MemoryBreakerStore(self._clock, source="local")
         self._cache = None
         self._seen_gen = -1
-        if first:
-            mode = "local fail-open" if self.config.on_store_error == "fail_open" else "fail-closed"
-            self._emitter.emit(
-                events.StoreUnavailable(policy="breaker", name=self.name, error=str(exc), mode=mode)
-            )
+        self._outage.failed(exc)
         return local
 
     def _leave_outage(self) -> None:
         with self._lock:
-            was_down, self._local = self._local is not None, None
-        if was_down:
-            self._emitter.emit(events.StoreRestored(policy="breaker", name=self.name))
+            self._local = None
+        self._outage.ok()

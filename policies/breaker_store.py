@@ -7,6 +7,7 @@ Redis): `acquire` admits or refuses a call, `record` books its outcome,
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -16,7 +17,7 @@ import redis
 from policies import keys
 from policies.breaker_config import BreakerConfig
 from policies.clock import Clock
-from policies.scripts import Scripts
+from policies.scripts import Queued, ScriptedRedisStore
 from policies.watch import feed_for
 
 SCRIPT = "breaker_step"
@@ -137,31 +138,33 @@ class BreakerStore(Protocol):
         """Whether a local cache of this store's state may be used without asking."""
 
 
-def _keys(name: str) -> list[str]:
-    return [keys.key("breaker", name, f) for f in ("state", "window", "trials")]
+@functools.cache
+def _keys(name: str) -> tuple[tuple[str, ...], str]:
+    """KEYS of breaker_step.lua and the breaker's channel (built once per name)."""
+    fields = ("state", "window", "trials")
+    return tuple(keys.key("breaker", name, f) for f in fields), keys.channel("breaker", name)
 
 
-class RedisBreakerStore:
+class RedisBreakerStore(ScriptedRedisStore):
     """Breaker state shared by every process through Redis (breaker_step.lua).
 
     `clock` is for tests only: it overrides Redis TIME so that property tests
     can move time; production leaves it None and the script reads TIME.
     """
 
-    source = "redis"
-
     def __init__(self, client: redis.Redis, *, clock: Clock | None = None) -> None:
-        self.client = client
-        self._scripts = Scripts(client)
-        self._clock = clock
+        super().__init__(client, clock=clock)
+        self._config_args: tuple[BreakerConfig | None, list[str]] = (None, [""] * 9)
 
     def _args(self, op: str, name: str, config: BreakerConfig | None) -> list[str]:
-        now = "" if self._clock is None else repr(self._clock())
-        cfg = config.script_args() if config is not None else [""] * 9
-        return [op, keys.channel("breaker", name), now, *cfg]
+        cfg = self._config_args
+        if cfg[0] is not config:
+            args = config.script_args() if config is not None else [""] * 9
+            cfg = self._config_args = (config, args)
+        return [op, _keys(name)[1], self._now(), *cfg[1]]
 
-    def _run(self, name: str, args: list[str], client: Any = None) -> Any:
-        return self._scripts[SCRIPT](keys=_keys(name), args=args, client=client)
+    def _run(self, name: str, args: list[str]) -> Any:
+        return self._scripts[SCRIPT](keys=_keys(name)[0], args=args)
 
     def acquire(self, name: str, config: BreakerConfig, permit_id: str) -> Reply:
         return Reply.parse(self._run(name, [*self._args("acquire", name, config), permit_id]))
@@ -183,9 +186,10 @@ class RedisBreakerStore:
         config: BreakerConfig,
         permit: Permit,
         failed: bool,
-    ) -> None:
-        """Queue the record step on `pipe`; parse its reply with `Reply.parse`."""
-        self._run(name, self.record_args(name, config, permit, failed), client=pipe)
+    ) -> Queued:
+        """Queue the record step on `pipe` (a bare EVALSHA); `Reply.parse` its `reply()`."""
+        args = self.record_args(name, config, permit, failed)
+        return self._scripts.queue(pipe, SCRIPT, _keys(name)[0], args)
 
     def release(self, name: str, config: BreakerConfig, permit: Permit) -> Reply:
         return Reply.parse(self._run(name, [*self._args("release", name, config), permit.id]))
@@ -200,7 +204,7 @@ class RedisBreakerStore:
         return BreakerSnapshot.parse(name, raw, self.source)
 
     def watch(self, name: str, callback: Callable[[bytes | None], None]) -> None:
-        feed_for(self.client).watch(keys.channel("breaker", name), callback)
+        feed_for(self.client).watch(_keys(name)[1], callback)
 
     def cache_trusted(self) -> bool:
         return feed_for(self.client).healthy

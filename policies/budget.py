@@ -14,11 +14,11 @@ says so with `StoreUnavailable` / `StoreRestored`.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import redis
@@ -26,8 +26,9 @@ import redis
 from policies import events, keys
 from policies.clock import Clock, monotonic
 from policies.errors import RetryBudgetExhausted
+from policies.outage import Outage
 from policies.retry import require, require_int, require_seconds
-from policies.scripts import Scripts
+from policies.scripts import Queued, ScriptedRedisStore
 
 POLICY = "retry-budget"
 T = TypeVar("T")
@@ -133,22 +134,10 @@ class MemoryBudgetStore:
             )
 
 
-class ScriptedRedisStore:
-    """Base of Redis stores whose scripts read Redis TIME unless a test clock is given.
-
-    `clock` is for tests only: it replaces Redis TIME so tests can move time.
-    """
-
-    source = "redis"
-
-    def __init__(self, client: redis.Redis, *, clock: Clock | None = None) -> None:
-        self.client = client
-        self._scripts = Scripts(client)
-        self._clock = clock
-
-    def _now(self) -> str:
-        """The `now` ARGV of a script: "" lets the script read TIME."""
-        return "" if self._clock is None else repr(self._clock())
+@functools.cache
+def _keys(name: str) -> tuple[str]:
+    """KEYS of the budget scripts (built once per name)."""
+    return (keys.key(POLICY, name, "window"),)
 
 
 class RedisBudgetStore(ScriptedRedisStore):
@@ -158,18 +147,19 @@ class RedisBudgetStore(ScriptedRedisStore):
         return [self._now(), repr(config.width), config.buckets, count]
 
     def record(self, name: str, config: BudgetConfig, count: int = 1) -> None:
-        self.queue_record(self.client, name, config, count)
+        args = self.record_args(config, count)
+        self._scripts["budget_record"](keys=_keys(name), args=args)
 
-    def queue_record(self, pipe: Any, name: str, config: BudgetConfig, count: int = 1) -> None:
-        """Run (or, on a pipeline, queue) the record script with `pipe` as the client."""
-        window = keys.key(POLICY, name, "window")
-        self._scripts["budget_record"](
-            keys=[window], args=self.record_args(config, count), client=pipe
-        )
+    def queue_record(
+        self, pipe: redis.client.Pipeline, name: str, config: BudgetConfig, count: int = 1
+    ) -> Queued:
+        """Queue the record script on `pipe` (a bare EVALSHA, no SCRIPT EXISTS round trip)."""
+        args = self.record_args(config, count)
+        return self._scripts.queue(pipe, "budget_record", _keys(name), args)
 
     def spend(self, name: str, config: BudgetConfig, *, peek: bool = False) -> BudgetState:
         raw = self._scripts["budget_spend"](
-            keys=[keys.key(POLICY, name, "window")],
+            keys=_keys(name),
             args=[
                 self._now(),
                 repr(config.width),
@@ -188,56 +178,6 @@ class RedisBudgetStore(ScriptedRedisStore):
             retry_after=max(0.0, float(v[4])),
             source=self.source,
         )
-
-
-STORE_ERRORS = (redis.RedisError, ConnectionError, TimeoutError, OSError)
-
-
-@dataclass(slots=True, kw_only=True)
-class OutageReporter:
-    """Tracks one policy instance's Redis outages: one StoreUnavailable, one StoreRestored.
-
-    While an outage lasts, Redis is tried again at most every `probe_interval`
-    seconds, so callers do not each wait for a connect timeout.
-    """
-
-    policy: str
-    name: str
-    mode: str
-    emitter: events.Emitter
-    probe_interval: float = 1.0
-    down: bool = False
-    _next_probe: float = field(default=0.0, repr=False)
-
-    def should_try(self) -> bool:
-        return not self.down or time.monotonic() >= self._next_probe
-
-    def failed(self, exc: BaseException) -> None:
-        self._next_probe = time.monotonic() + self.probe_interval
-        if not self.down:
-            self.down = True
-            self.emitter.emit(
-                events.StoreUnavailable(
-                    policy=self.policy, name=self.name, error=str(exc) or repr(exc), mode=self.mode
-                )
-            )
-
-    def ok(self) -> None:
-        if self.down:
-            self.down = False
-            self.emitter.emit(events.StoreRestored(policy=self.policy, name=self.name))
-
-    def call(self, remote: Callable[[], T] | None, local: Callable[[], T]) -> T:
-        """`remote()` unless Redis is down (or there is no remote), else `local()`."""
-        if remote is None or not self.should_try():
-            return local()
-        try:
-            result = remote()
-        except STORE_ERRORS as exc:
-            self.failed(exc)
-            return local()
-        self.ok()
-        return result
 
 
 class RetryBudget:
@@ -259,7 +199,7 @@ class RetryBudget:
         #: Where calls go when Redis is down: a window of this process only.
         self._local: BudgetStore = MemoryBudgetStore() if shared else store
         self._shared = shared
-        self._outage = OutageReporter(
+        self._outage = Outage(
             policy=POLICY,
             name=name,
             mode="local per-process budget",
@@ -274,11 +214,16 @@ class RetryBudget:
         """Count `count` calls (each run of the task body) into the window."""
         self._call(lambda s: s.record(self.name, self.config, count))
 
-    def queue_record_call(self, pipe: redis.client.Pipeline, count: int = 1) -> None:
-        """Queue the record step on the caller's pipeline (Redis store only)."""
+    def queue_record_call(self, pipe: redis.client.Pipeline, count: int = 1) -> Queued:
+        """Queue the record step on the caller's pipeline (Redis store only).
+
+        After `pipe.execute(raise_on_error=False)`, pass its results to the
+        returned handle's `reply()`: that re-runs the step if the server
+        answered NOSCRIPT (it restarted and lost its script cache).
+        """
         if not isinstance(self.store, RedisBudgetStore):
             raise TypeError("queue_record_call needs a RedisBudgetStore")
-        self.store.queue_record(pipe, self.name, self.config, count)
+        return self.store.queue_record(pipe, self.name, self.config, count)
 
     def _spend(self, peek: bool) -> BudgetState:
         return self._call(lambda s: s.spend(self.name, self.config, peek=peek))

@@ -18,13 +18,14 @@ to the store it was taken from: a local lease is released locally.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import math
 import os
 import socket
 import threading
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from types import TracebackType
@@ -41,6 +42,8 @@ from policies.bulkhead_store import (
     StoreState,
 )
 from policies.errors import BulkheadFull, PolicyConfigError
+from policies.outage import STORE_ERRORS, Outage
+from policies.scripts import Queued
 
 __all__ = [
     "Bulkhead",
@@ -138,21 +141,20 @@ def list_bulkheads(client: redis.Redis) -> list[BulkheadSnapshot]:
 class Lease:
     """One held permit. Release it (or leave the `with` block) when the call is done.
 
-    With `renew=True` a daemon thread renews the lease every `lease_ttl / 3`
-    until it is released. If a renewal finds the lease gone (it expired during
-    a long pause, or Redis lost it), `lost` turns true, a `BulkheadChanged`
-    event with action "lost" is emitted and renewal stops: the permit may
-    already be someone else's.
+    With `renew=True` the process's renewer thread (one for every lease of the
+    process) renews the lease every `lease_ttl / 3` until it is released. If
+    a renewal finds the lease gone (it expired during a long pause, or Redis
+    lost it), `lost` turns true, a `BulkheadChanged` event with action "lost"
+    is emitted and renewal stops: the permit may already be someone else's.
     """
 
     def __init__(self, bulkhead: Bulkhead, holder: str, store: BulkheadStore) -> None:
         self.bulkhead = bulkhead
         self.holder = holder
         self.store = store
-        self._done = threading.Event()  # released (by this process)
+        self._done = False  # released (by this process) or lost
         self._lost = False
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
 
     @property
     def name(self) -> str:
@@ -169,21 +171,24 @@ class Lease:
 
     @property
     def released(self) -> bool:
-        return self._done.is_set()
+        return self._done
 
     def renew(self) -> bool:
         """Extend the lease once. False if it is lost, released, or Redis is unreachable."""
-        if self._done.is_set() or self._lost:
+        if self._done:
             return False
         outcome = self.bulkhead._call(
             self.store, lambda s: s.renew(self.name, self.holder, self.bulkhead.config.lease_ttl)
         )
         if outcome is None:
             return False
-        if not outcome.ok and not self._done.is_set():
-            self._lost = True
-            self._done.set()
-            self.bulkhead._changed("lost", outcome.in_use)
+        if not outcome.ok:
+            with self._lock:
+                lost = not self._done
+                self._lost = self._lost or lost
+                self._done = True
+            if lost:
+                self.bulkhead._changed("lost", outcome.in_use)
         return outcome.ok
 
     def release(self) -> bool:
@@ -191,21 +196,13 @@ class Lease:
         return self.bulkhead.release(self)
 
     def start_renewing(self) -> None:
-        self._thread = threading.Thread(
-            target=self._renew_loop, name=f"bulkhead-renew-{self.name}", daemon=True
-        )
-        self._thread.start()
-
-    def _renew_loop(self) -> None:
-        interval = self.bulkhead.config.lease_ttl / 3
-        while not self._done.wait(interval):
-            self.renew()
+        """Have the process's renewer thread renew this lease until it is released."""
+        _renewer().add(self, self.bulkhead.config.lease_ttl / 3)
 
     def _finish(self) -> bool:
         """Mark released and stop renewing; False if it already was (idempotent)."""
         with self._lock:
-            first = not self._done.is_set()
-            self._done.set()
+            first, self._done = not self._done, True
         return first
 
     def __enter__(self) -> Lease:
@@ -224,39 +221,115 @@ class Lease:
         return f"<Lease {self.name!r} {self.holder} {state}{' local' if self.local else ''}>"
 
 
+class _Renewer:
+    """Renews the held leases of this process on schedule, from one daemon thread.
+
+    Leases wait in a heap by due time; adding one that is due first wakes the
+    thread. A released lease is dropped when it comes due (or when the heap
+    is compacted), so releasing costs the renewer nothing.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, float, Lease]] = []  # due, seq, interval, lease
+        self._seq = itertools.count()
+        self._compact_at = 64
+        self._thread: threading.Thread | None = None
+
+    def add(self, lease: Lease, interval: float) -> None:
+        entry = (time.monotonic() + interval, next(self._seq), interval, lease)
+        with self._cond:
+            heapq.heappush(self._heap, entry)
+            if len(self._heap) > self._compact_at:
+                self._heap = [e for e in self._heap if not e[3].released]
+                heapq.heapify(self._heap)
+                self._compact_at = max(64, 2 * len(self._heap))
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="bulkhead-renewer", daemon=True
+                )
+                self._thread.start()
+            elif self._heap[0] is entry:
+                self._cond.notify()
+
+    def _next(self) -> tuple[float, Lease]:
+        """Wait for the next lease due for renewal (dropping released ones)."""
+        with self._cond:
+            while True:
+                heap = self._heap
+                while heap and heap[0][3].released:
+                    heapq.heappop(heap)
+                wait = heap[0][0] - time.monotonic() if heap else None
+                if wait is not None and wait <= 0:
+                    _, _, interval, lease = heapq.heappop(heap)
+                    return interval, lease
+                self._cond.wait(wait)
+
+    def _run(self) -> None:
+        while True:
+            interval, lease = self._next()
+            try:
+                lease.renew()
+            except Exception:  # pragma: no cover - renew reports its own store errors
+                logger.exception("bulkhead %r: renewing %s failed", lease.name, lease.holder)
+            if not lease.released:
+                entry = (time.monotonic() + interval, next(self._seq), interval, lease)
+                with self._cond:
+                    heapq.heappush(self._heap, entry)
+
+
+_renewers: dict[int, _Renewer] = {}
+_renewers_lock = threading.Lock()
+
+
+def _renewer() -> _Renewer:
+    """The renewer of this process (a new one after fork: threads do not survive it)."""
+    pid = os.getpid()
+    found = _renewers.get(pid)
+    if found is None:
+        with _renewers_lock:
+            found = _renewers.setdefault(pid, _Renewer())
+    return found
+
+
 @dataclass(slots=True)
 class PendingRelease:
     """A release queued into someone's pipeline; call `finish()` with what `execute()` gave.
 
-    `index` is this release's position in the pipeline's results, or None if
-    nothing was queued (the lease was local or already released).
+    `queued` is the release script queued on the pipeline, or None if nothing
+    was queued (the lease was local or already released).
     """
 
     lease: Lease
-    index: int | None
+    queued: Queued | None
     released: bool = False
+
+    @property
+    def index(self) -> int | None:
+        """This release's position in the pipeline's results (None: nothing queued)."""
+        return None if self.queued is None else self.queued.index
 
     def finish(self, results: Sequence[Any] | BaseException) -> bool:
         """Read this release's reply from `pipe.execute(raise_on_error=False)`'s results.
 
         Pass the exception instead if `execute()` raised. A lost connection
-        leaves the lease to expire by its TTL; any other error (such as
-        NOSCRIPT after a server restart) is retried as a direct release.
+        leaves the lease to expire by its TTL; NOSCRIPT (after a server
+        restart) runs the release again directly, and so does any other error.
         Returns True if a live permit was freed.
         """
-        if self.index is None:
+        if self.queued is None:
             return self.released
         bulkhead, lease = self.lease.bulkhead, self.lease
-        reply = results if isinstance(results, BaseException) else results[self.index]
+        reply = self.queued.reply(results)
         if isinstance(reply, redis.ConnectionError | redis.TimeoutError):
-            bulkhead._store_down(reply)
+            bulkhead._outage.failed(reply)
             outcome = None
         elif isinstance(reply, BaseException):
             outcome = bulkhead._call(lease.store, lambda s: s.release(lease.name, lease.holder))
         else:
-            bulkhead._store_up()
+            bulkhead._outage.ok()
             outcome = RedisBulkheadStore.parse_release(reply)
-        self.index = None
+        self.queued = None
         self.released = bulkhead._released(outcome)
         return self.released
 
@@ -312,8 +385,13 @@ class Bulkhead:
         self.emitter = emitter or events.default_emitter
         self._fallback: BulkheadStore = self.store if self.store.local else _local_store()
         self._lock = threading.Lock()
-        self._down = False
-        self._next_probe = 0.0
+        self._outage = Outage(
+            policy="bulkhead",
+            name=name,
+            mode=FALLBACK_MODE,
+            emitter=self.emitter,
+            probe_interval=self.config.probe_interval,
+        )
         self._wakeup: _Wakeup | None = None
         self._id = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -354,7 +432,7 @@ class Bulkhead:
             wakeup.wait(seen, min(remaining, self.config.poll_interval, max(got, 0.01)))
 
     def _attempt(self, renew: bool) -> Lease | float:
-        holder = f"{self._id}:{uuid.uuid4().hex[:12]}"
+        holder = f"{self._id}:{os.urandom(6).hex()}"
         limit, ttl = self.config.limit, self.config.lease_ttl
         store = self._store_now()
         outcome = self._call(store, lambda s: s.acquire(self.name, holder, limit, ttl))
@@ -411,9 +489,7 @@ class Bulkhead:
         if not isinstance(lease.store, RedisBulkheadStore) or lease.released:
             return PendingRelease(lease, None, self.release(lease))
         lease._finish()
-        index = len(pipe)
-        lease.store.queue_release(pipe, self.name, lease.holder)
-        return PendingRelease(lease, index)
+        return PendingRelease(lease, lease.store.queue_release(pipe, self.name, lease.holder))
 
     def _released(self, outcome: Outcome | None) -> bool:
         if outcome is None:
@@ -438,10 +514,7 @@ class Bulkhead:
 
     def _store_now(self) -> BulkheadStore:
         """The shared store, unless it is down and not yet due for another try."""
-        with self._lock:
-            if self._down and time.monotonic() < self._next_probe:
-                return self._fallback
-        return self.store
+        return self.store if self._outage.should_try() else self._fallback
 
     def _call(self, store: BulkheadStore, op: Callable[[BulkheadStore], T]) -> T | None:
         """Run `op` on `store`; None if it is the shared store and Redis is unreachable."""
@@ -449,30 +522,11 @@ class Bulkhead:
             return op(store)
         try:
             result = op(store)
-        except redis.RedisError as exc:
-            self._store_down(exc)
+        except STORE_ERRORS as exc:
+            self._outage.failed(exc)
             return None
-        self._store_up()
+        self._outage.ok()
         return result
-
-    def _store_down(self, exc: BaseException) -> None:
-        with self._lock:
-            first, self._down = not self._down, True
-            self._next_probe = time.monotonic() + self.config.probe_interval
-        if first:
-            logger.warning("bulkhead %r: Redis unreachable (%s); %s", self.name, exc, FALLBACK_MODE)
-            self.emitter.emit(
-                events.StoreUnavailable(
-                    policy="bulkhead", name=self.name, error=repr(exc), mode=FALLBACK_MODE
-                )
-            )
-
-    def _store_up(self) -> None:
-        with self._lock:
-            was, self._down = self._down, False
-        if was:
-            logger.info("bulkhead %r: Redis reachable again; shared limit", self.name)
-            self.emitter.emit(events.StoreRestored(policy="bulkhead", name=self.name))
 
     def _changed(self, action: str, in_use: int) -> None:
         self.emitter.emit(

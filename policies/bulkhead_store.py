@@ -17,6 +17,7 @@ memory store from the clock it is given (a `FakeClock` in tests).
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ import redis
 
 from policies import clock as clocks
 from policies import keys
-from policies.scripts import Scripts
+from policies.scripts import Queued, Scripts
 from policies.watch import feed_for
 
 #: Weight of the newest hold time in the moving average (same as the Lua scripts).
@@ -176,6 +177,27 @@ class MemoryBulkheadStore:
             self._get(name).watchers.append(wake)
 
 
+@dataclass(frozen=True, slots=True)
+class _Keys:
+    """The keys and channel of one bulkhead in Redis."""
+
+    leases: str
+    since: str
+    meta: str
+    channel: str
+
+    @property
+    def all(self) -> tuple[str, str, str]:
+        return self.leases, self.since, self.meta
+
+
+@functools.cache
+def _keys(name: str) -> _Keys:
+    """Built once per bulkhead name (key building validates every part)."""
+    leases, since, meta = (keys.key("bulkhead", name, f) for f in ("leases", "since", "meta"))
+    return _Keys(leases, since, meta, keys.channel("bulkhead", name))
+
+
 class RedisBulkheadStore:
     """Leases in Redis, shared by every process on the same server (one script per call)."""
 
@@ -185,37 +207,26 @@ class RedisBulkheadStore:
         self.client = client
         self._scripts = Scripts(client)
 
-    @staticmethod
-    def _keys(name: str, *fields: str) -> list[str]:
-        return [keys.key("bulkhead", name, f) for f in fields]
-
     def acquire(self, name: str, holder: str, limit: int, ttl: float) -> Outcome:
         granted, in_use, wait = self._scripts["bulkhead_acquire"](
-            keys=self._keys(name, "leases", "since", "meta"), args=[holder, limit, repr(ttl)]
+            keys=_keys(name).all, args=[holder, limit, repr(ttl)]
         )
         return Outcome(bool(granted), int(in_use), float(wait))
 
     def release(self, name: str, holder: str) -> Outcome:
+        k = _keys(name)
         return self.parse_release(
-            self._scripts["bulkhead_release"](
-                keys=self.release_keys(name), args=[holder, keys.channel("bulkhead", name)]
-            )
+            self._scripts["bulkhead_release"](keys=k.all, args=[holder, k.channel])
         )
 
-    def release_keys(self, name: str) -> list[str]:
-        return self._keys(name, "leases", "since", "meta")
+    def queue_release(self, pipe: redis.client.Pipeline, name: str, holder: str) -> Queued:
+        """Queue the release script on `pipe` as a bare EVALSHA (see `Scripts.queue`).
 
-    def queue_release(self, pipe: redis.client.Pipeline, name: str, holder: str) -> None:
-        """Add the release script to `pipe` as a bare EVALSHA.
-
-        Calling the registered script with `client=pipe` would make the
-        pipeline send SCRIPT EXISTS first: one more round trip on every call.
         A server that lost its script cache answers NOSCRIPT for this entry;
-        `Bulkhead.release_in` then releases directly (once, after a restart).
+        `PendingRelease.finish` then releases directly (once, after a restart).
         """
-        script = self._scripts["bulkhead_release"]
-        channel = keys.channel("bulkhead", name)
-        pipe.evalsha(script.sha, 3, *self.release_keys(name), holder, channel)
+        k = _keys(name)
+        return self._scripts.queue(pipe, "bulkhead_release", k.all, [holder, k.channel])
 
     @staticmethod
     def parse_release(raw: Any) -> Outcome:
@@ -223,13 +234,15 @@ class RedisBulkheadStore:
         return Outcome(bool(released), int(in_use))
 
     def renew(self, name: str, holder: str, ttl: float) -> Outcome:
+        k = _keys(name)
         renewed, in_use = self._scripts["bulkhead_renew"](
-            keys=self._keys(name, "leases", "since"), args=[holder, repr(ttl)]
+            keys=(k.leases, k.since), args=[holder, repr(ttl)]
         )
         return Outcome(bool(renewed), int(in_use))
 
     def state(self, name: str) -> StoreState:
-        raw = self._scripts["bulkhead_snapshot"](keys=self._keys(name, "leases", "meta"), args=[])
+        k = _keys(name)
+        raw = self._scripts["bulkhead_snapshot"](keys=(k.leases, k.meta), args=[])
         limit = int(raw[0]) if raw[0] else None
         pairs = raw[1:]
         holders = {_text(pairs[i]): float(pairs[i + 1]) for i in range(0, len(pairs), 2)}
@@ -240,7 +253,7 @@ class RedisBulkheadStore:
         return sorted({keys.name_of(_text(k)) for k in found})
 
     def on_release(self, name: str, wake: Wake) -> None:
-        feed_for(self.client).watch(keys.channel("bulkhead", name), lambda _payload: wake())
+        feed_for(self.client).watch(_keys(name).channel, lambda _payload: wake())
 
 
 def _text(value: bytes | str) -> str:

@@ -39,7 +39,6 @@ from typing import Any, Literal
 import redis
 
 from policies import events, keys
-from policies.budget import OutageReporter
 from policies.classify import Classifier, FailureKind, default_classifier
 from policies.degradation_store import (
     POLICY,
@@ -51,6 +50,7 @@ from policies.degradation_store import (
     ServiceState,
 )
 from policies.errors import ServiceDegraded
+from policies.outage import Outage
 from policies.retry import require, require_int, require_seconds
 
 __all__ = [
@@ -177,7 +177,7 @@ class Degradation:
         self._shared = not isinstance(store, MemoryDegradationStore)
         self._local = MemoryDegradationStore() if self._shared else store
         self._reseed = True
-        self._outage = OutageReporter(
+        self._outage = Outage(
             policy=POLICY,
             name=service,
             mode="last known level, changes local",

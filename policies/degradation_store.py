@@ -18,6 +18,7 @@ service's channel as JSON `{gen, level, from, reason}`.
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from collections.abc import Callable
@@ -26,8 +27,8 @@ from enum import IntEnum
 from typing import Any, Literal, Protocol
 
 from policies import keys
-from policies.budget import ScriptedRedisStore
 from policies.clock import Clock, monotonic
+from policies.scripts import ScriptedRedisStore
 from policies.watch import feed_for
 
 POLICY = "degradation"
@@ -271,8 +272,11 @@ class MemoryDegradationStore:
         return sorted(self._records)
 
 
-def _keys(service: str) -> list[str]:
-    return [keys.key(POLICY, service, "state"), keys.key(POLICY, service, "recoveries")]
+@functools.cache
+def _keys(service: str) -> tuple[tuple[str, str], str]:
+    """KEYS of degradation_step.lua and the service's channel (built once per service)."""
+    state, recoveries = (keys.key(POLICY, service, f) for f in ("state", "recoveries"))
+    return (state, recoveries), keys.channel(POLICY, service)
 
 
 class RedisDegradationStore(ScriptedRedisStore):
@@ -289,10 +293,10 @@ class RedisDegradationStore(ScriptedRedisStore):
         history: int = 10,
     ) -> ServiceState:
         raw = self._scripts["degradation_step"](
-            keys=_keys(service),
+            keys=_keys(service)[0],
             args=[
                 op,
-                keys.channel(POLICY, service),
+                _keys(service)[1],
                 self._now(),
                 int(level),
                 reason,
@@ -303,7 +307,7 @@ class RedisDegradationStore(ScriptedRedisStore):
         return ServiceState.parse(service, raw, self.source)
 
     def watch(self, service: str, callback: Callback) -> None:
-        feed_for(self.client).watch(keys.channel(POLICY, service), callback)
+        feed_for(self.client).watch(_keys(service)[1], callback)
 
     def cache_trusted(self) -> bool:
         return feed_for(self.client).healthy

@@ -1,18 +1,47 @@
-"""Lua scripts shipped as package data (`policies/lua/*.lua`), registered once per client."""
+"""Lua scripts shipped as package data (`policies/lua/*.lua`), registered once per client.
+
+A script is called directly (`Scripts(client)[name](keys=..., args=...)`: EVALSHA,
+re-loading it after a server restart flushed the script cache), or queued on a
+caller's pipeline as a bare EVALSHA (`Scripts.queue`), so that it shares that
+pipeline's one round trip; the `Queued` handle then reads its reply, and runs
+it again directly if the server answered NOSCRIPT.
+"""
 
 from __future__ import annotations
 
 import functools
+import threading
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
 import redis
+
+from policies.clock import Clock
+
+__all__ = ["Queued", "ScriptedRedisStore", "Scripts", "reply_at", "source"]
 
 
 @functools.cache
 def source(name: str) -> str:
     """The text of `policies/lua/<name>.lua`."""
     return resources.files("policies").joinpath("lua", f"{name}.lua").read_text("utf-8")
+
+
+@dataclass(slots=True)
+class _Registry:
+    """The scripts registered on one client, and which of them were loaded for `queue`."""
+
+    scripts: dict[str, Any] = field(default_factory=dict)
+    queued: set[str] = field(default_factory=set)
+
+
+#: Shared by every `Scripts` of one client, so that a NOSCRIPT seen by one policy
+#: reloads the scripts of all of them.
+_registries: weakref.WeakKeyDictionary[redis.Redis, _Registry] = weakref.WeakKeyDictionary()
+_registries_lock = threading.Lock()
 
 
 class Scripts:
@@ -24,10 +53,88 @@ class Scripts:
 
     def __init__(self, client: redis.Redis) -> None:
         self._client = client
-        self._registered: dict[str, Any] = {}
+        with _registries_lock:
+            registry = _registries.get(client)
+            if registry is None:
+                registry = _registries[client] = _Registry()
+        self._registry = registry
 
     def __getitem__(self, name: str) -> Any:
-        script = self._registered.get(name)
+        script = self._registry.scripts.get(name)
         if script is None:
-            script = self._registered[name] = self._client.register_script(source(name))
+            script = self._registry.scripts[name] = self._client.register_script(source(name))
         return script
+
+    def queue(
+        self, pipe: redis.client.Pipeline, name: str, keys: Sequence[str], args: Sequence[Any]
+    ) -> Queued:
+        """Queue script `name` on `pipe` as a bare EVALSHA; read its reply with the handle.
+
+        Calling the registered script with `client=pipe` would make the pipeline
+        send SCRIPT EXISTS first: one more round trip on every call. Instead the
+        script is loaded once, the first time it is queued on this client.
+        """
+        script = self[name]
+        if name not in self._registry.queued:
+            self._client.script_load(script.script)
+            self._registry.queued.add(name)
+        index = len(pipe)
+        pipe.evalsha(script.sha, len(keys), *keys, *args)
+        return Queued(self, name, keys, args, index)
+
+    def reload(self) -> None:
+        """Load every script registered on this client again (after NOSCRIPT)."""
+        for script in list(self._registry.scripts.values()):
+            self._client.script_load(script.script)
+
+
+def reply_at(results: Sequence[Any] | BaseException, index: int) -> Any:
+    """Entry `index` of `pipe.execute(raise_on_error=False)`, or the error `execute` raised."""
+    return results if isinstance(results, BaseException) else results[index]
+
+
+@dataclass(frozen=True, slots=True)
+class Queued:
+    """A script call queued on a pipeline by `Scripts.queue`."""
+
+    scripts: Scripts
+    name: str
+    keys: Sequence[str]
+    args: Sequence[Any]
+    #: Position of the call in the pipeline's results.
+    index: int
+
+    def reply(self, results: Sequence[Any] | BaseException) -> Any:
+        """The call's reply, given `pipe.execute(raise_on_error=False)`'s results (or the
+        error `execute` raised); an error is returned, not raised.
+
+        A NOSCRIPT reply means the server lost its script cache (a restart) and
+        did not run the call: the client's scripts are loaded again and this
+        call runs once more, directly.
+        """
+        raw = reply_at(results, self.index)
+        if isinstance(raw, redis.exceptions.NoScriptError):
+            try:
+                self.scripts.reload()
+                raw = self.scripts[self.name](keys=list(self.keys), args=list(self.args))
+            except redis.RedisError as exc:
+                raw = exc
+        return raw
+
+
+class ScriptedRedisStore:
+    """Base of Redis stores whose scripts read Redis TIME unless a test clock is given.
+
+    `clock` is for tests only: it replaces Redis TIME so tests can move time.
+    """
+
+    source = "redis"
+
+    def __init__(self, client: redis.Redis, *, clock: Clock | None = None) -> None:
+        self.client = client
+        self._scripts = Scripts(client)
+        self._clock = clock
+
+    def _now(self) -> str:
+        """The `now` ARGV of a script: "" lets the script read TIME."""
+        return "" if self._clock is None else repr(self._clock())
