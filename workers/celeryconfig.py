@@ -74,6 +74,11 @@ def build_config(settings: Settings) -> dict[str, Any]:
         "beat_schedule": {
             # Automatic degradation and stepwise recovery of every declared service.
             "policies-tick": {"task": "bulwark.policies.tick", "schedule": 10.0},
+            # Alert rules over the fleet state; notifications go out on the `alerts` queue.
+            "alerts-evaluate": {
+                "task": "bulwark.alerts.evaluate",
+                "schedule": settings.observability.alert_evaluate_interval,
+            },
             # Fleet health checks; results in Redis feed `bulwark health`, metrics and alerts.
             "health-check": {
                 "task": "bulwark.health.check",

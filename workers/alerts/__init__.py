@@ -1,9 +1,11 @@
-"""Alerting: fingerprinted, deduplicated alerts dispatched to sinks. (issue 4: in progress)"""
+"""Alert evaluation and dispatch, on the `alerts` queue.
 
-from __future__ import annotations
+model (Alert, Condition, Silence) -> rules (callables over a Snapshot) ->
+plan (dedup, group wait, repeat, resolved, silences) -> store (Redis state)
+-> sinks (log, webhook, Slack, Alertmanager, email). The Celery tasks live in
+`tasks.alerts`; `bulwark alerts ...` in `workers.alerts.cli`.
+"""
 
-import argparse
+from workers.alerts.cli import register_cli
 
-
-def register_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Add `bulwark alerts ...` (filled in by the alerting work)."""
+__all__ = ["register_cli"]
