@@ -39,6 +39,8 @@ Fleet (beat's /metrics, `FleetCollector`):
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import functools
 import json
 import logging
@@ -96,6 +98,7 @@ def enable_multiprocess(path: Path) -> Path:
 
     Must run before any metric exists in this process. If prometheus_client was
     imported already (its value class is chosen at import), switch it over.
+    The folder is removed when this process exits.
     """
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True, exist_ok=True)
@@ -107,7 +110,14 @@ def enable_multiprocess(path: Path) -> Path:
     prometheus_client.values.ValueClass = value_class
     prometheus_client.metrics.ValueClass = value_class  # type: ignore[attr-defined]
     _metrics.cache_clear()
+    atexit.register(_remove, path)  # runs in this process only: prefork children os._exit
     return path
+
+
+def _remove(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        path.parent.rmdir()  # the shared base folder, once no worker uses it
 
 
 def multiprocess_dir() -> str | None:
