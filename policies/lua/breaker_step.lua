@@ -163,12 +163,25 @@ if op == 'record' then
     end
   elseif state == 'closed' then
     local b = math.floor(now / (window / 10))
-    redis.call('HINCRBY', W, 'c:' .. b, 1)
-    if failed then redis.call('HINCRBY', W, 'f:' .. b, 1) end
-    redis.call('PEXPIRE', W, math.ceil(window * 2000))
-    local calls, failures = window_stats(true)
-    if failed then set('consecutive', n('consecutive') + 1) else set('consecutive', 0) end
-    redis.call('HSET', S, 'window', num(window), 'k', k)
+    local calls, failures = 0, 0
+    if redis.call('HINCRBY', W, 'c:' .. b, 1) == 1 then
+      -- A new bucket (once per window / 10): prune old buckets and push the expiry on; set
+      -- at the bucket's start, it outlives every bucket still in the window.
+      redis.call('PEXPIRE', W, math.ceil(window * 2000))
+      calls, failures = window_stats(true)
+    elseif rate > 0 then
+      calls, failures = window_stats(false)
+    end
+    if failed then
+      redis.call('HINCRBY', W, 'f:' .. b, 1)
+      failures = failures + 1
+      set('consecutive', n('consecutive') + 1)
+    elseif n('consecutive') ~= 0 then
+      set('consecutive', 0)
+    end
+    if h.window ~= num(window) or h.k ~= tostring(k) then
+      redis.call('HSET', S, 'window', num(window), 'k', k)
+    end
     if threshold > 0 and n('consecutive') >= threshold then
       trip(n('consecutive') .. ' consecutive failures')
     elseif rate > 0 and calls >= min_calls and failures >= rate * calls then

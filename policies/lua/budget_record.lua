@@ -23,6 +23,7 @@ if n == tonumber(ARGV[4]) then
       redis.call('HDEL', KEYS[1], field)
     end
   end
+  -- Set from the start of the bucket, the expiry outlives every bucket still in the window.
+  redis.call('PEXPIRE', KEYS[1], math.ceil(width * (nbuckets + 1) * 1000))
 end
-redis.call('PEXPIRE', KEYS[1], math.ceil(width * (nbuckets + 1) * 1000))
 return n

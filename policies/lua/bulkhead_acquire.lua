@@ -6,6 +6,8 @@
 -- ARGV[2] limit
 -- ARGV[3] lease ttl (seconds)
 -- returns {granted 1|0, in_use, retry_after seconds as a string (0 when granted)}
+-- Both keys expire 2 * (ttl + 1 s) after a grant or renewal (refreshed once past half that),
+-- so a bulkhead nobody uses any more leaves nothing behind.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 local holder, limit, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -14,19 +16,29 @@ if #expired > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
   redis.call('HDEL', KEYS[2], unpack(expired))
 end
-redis.call('HSET', KEYS[3], 'limit', ARGV[2], 'ttl', ARGV[3])
-local held = redis.call('ZSCORE', KEYS[1], holder)
+local meta = redis.call('HMGET', KEYS[3], 'limit', 'ttl')
+if meta[1] ~= ARGV[2] or meta[2] ~= ARGV[3] then
+  redis.call('HSET', KEYS[3], 'limit', ARGV[2], 'ttl', ARGV[3])
+end
+-- leases and since always hold the same holders, so one PTTL stands for both.
+local function keep_keys()
+  local keep = math.ceil(ttl * 1000) + 1000
+  if redis.call('PTTL', KEYS[1]) < keep then
+    for i = 1, 2 do redis.call('PEXPIRE', KEYS[i], 2 * keep) end
+  end
+end
 local in_use = redis.call('ZCARD', KEYS[1])
-if held or in_use < limit then
-  redis.call('ZADD', KEYS[1], now + ttl, holder)
-  if not held then
+if in_use < limit then
+  if redis.call('ZADD', KEYS[1], now + ttl, holder) == 1 then
     redis.call('HSET', KEYS[2], holder, tostring(now))
     in_use = in_use + 1
   end
-  local keep = math.ceil(ttl * 1000) + 1000
-  for i = 1, 2 do
-    if redis.call('PTTL', KEYS[i]) < keep then redis.call('PEXPIRE', KEYS[i], keep) end
-  end
+  keep_keys()
+  return {1, in_use, '0'}
+end
+if redis.call('ZSCORE', KEYS[1], holder) then
+  redis.call('ZADD', KEYS[1], now + ttl, holder)
+  keep_keys()
   return {1, in_use, '0'}
 end
 -- Full. The earliest expiry bounds the wait if nobody renews; the average hold

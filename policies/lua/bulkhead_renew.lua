@@ -10,9 +10,10 @@ local holder, ttl = ARGV[1], tonumber(ARGV[2])
 local score = redis.call('ZSCORE', KEYS[1], holder)
 if score and tonumber(score) > now then
   redis.call('ZADD', KEYS[1], 'XX', now + ttl, holder)
+  -- As in bulkhead_acquire.lua: both keys live 2 * (ttl + 1 s), refreshed past half that.
   local keep = math.ceil(ttl * 1000) + 1000
-  for i = 1, 2 do
-    if redis.call('PTTL', KEYS[i]) < keep then redis.call('PEXPIRE', KEYS[i], keep) end
+  if redis.call('PTTL', KEYS[1]) < keep then
+    for i = 1, 2 do redis.call('PEXPIRE', KEYS[i], 2 * keep) end
   end
   return {1, redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')}
 end
