@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import io
 import json
+from typing import Any, ClassVar
 
 import fakeredis
 import pytest
@@ -41,7 +42,9 @@ class TestModel:
 
     def test_fingerprint_ignores_label_order_and_message(self) -> None:
         a = Condition(name="X", service="s", severity="info", message="1", labels={"a": 1, "b": 2})
-        b = Condition(name="X", service="s", severity="critical", message="2", labels={"b": 2, "a": 1})
+        b = Condition(
+            name="X", service="s", severity="critical", message="2", labels={"b": 2, "a": 1}
+        )
         assert a.fingerprint == b.fingerprint == fingerprint("X", "s", {"a": "1", "b": "2"})
         assert a.fingerprint != cond("X", "t").fingerprint
 
@@ -64,7 +67,9 @@ class TestModel:
 
     def test_silence_matches_every_matcher_and_expires(self) -> None:
         alert = Alert.start(cond(), 0.0)
-        s = Silence(matchers={"service": "payments", "severity": "warning"}, starts_at=0, ends_at=10)
+        s = Silence(
+            matchers={"service": "payments", "severity": "warning"}, starts_at=0, ends_at=10
+        )
         assert s.matches(alert) and s.active(5) and not s.active(10)
         assert not Silence(matchers={"service": "other"}, starts_at=0, ends_at=1).matches(alert)
         with pytest.raises(ValueError):
@@ -262,7 +267,7 @@ class TestStore:
 class TestSinkPieces:
     """Signature, Alertmanager conversion and email rendering (no network)."""
 
-    PAYLOAD = {
+    PAYLOAD: ClassVar[dict[str, Any]] = {
         "status": "firing",
         "group": {"service": "payments"},
         "alerts": [Alert.start(cond(), 0.0).to_dict()],
