@@ -132,6 +132,20 @@ class TestRenewalThread:
         assert [e.action for e in recorder.of(events.BulkheadChanged)] == ["acquired", "lost"]  # type: ignore[attr-defined]
         assert lease.release() is False
 
+    def test_one_thread_renews_every_lease_until_released(self, r: redis.Redis) -> None:
+        config = BulkheadConfig(limit=12, lease_ttl=0.3)
+        bulkheads = [Bulkhead(f"many-{i}", r, config, emitter=events.Emitter()) for i in range(2)]
+        leases = [b.try_acquire() for b in bulkheads for _ in range(6)]
+        renewers = [t for t in threading.enumerate() if t.name == "bulkhead-renewer"]
+        assert len(renewers) == 1  # one per process, not one per lease
+        for lease in leases[::2]:
+            lease.release()
+        threading.Event().wait(1.0)  # > 3 TTLs: only renewal keeps a lease alive
+        kept = {lease.holder for lease in leases[1::2]}
+        held = {h for b in bulkheads for h in b.snapshot().holders}
+        assert held == kept and not any(lease.lost for lease in leases)
+        assert all(lease.release() is True for lease in leases[1::2])
+
 
 class TestPipelinedRelease:
     """A release queued into a caller's pipeline costs no extra command, and survives NOSCRIPT."""

@@ -380,6 +380,39 @@ class TestRedisOnly:
         with pytest.raises(CircuitOpen):
             b.acquire()
 
+    def test_pipelined_record_sends_no_script_exists_and_survives_noscript(
+        self, r: redis.Redis
+    ) -> None:
+        recorder = events.Recorder()
+        config = BreakerConfig(trip=consecutive_failures(2))
+        b = CircuitBreaker(
+            f"ns-{uuid.uuid4().hex[:8]}",
+            config,
+            RedisBreakerStore(r),
+            emitter=events.Emitter(recorder),
+        )
+
+        def record_piped(success: bool) -> list[Any]:
+            permit = b.acquire()
+            with r.pipeline(transaction=False) as pipe:
+                pending = b.record_in(pipe, permit, success=success)
+                replies = pipe.execute(raise_on_error=False)
+            pending.settle(replies)
+            return replies
+
+        record_piped(False)  # the first queue of the script loads it
+        r.config_resetstat()
+        record_piped(False)
+        assert "cmdstat_script|exists" not in r.info("commandstats")
+        assert b.snapshot().state == "open"
+        b.reset()
+        record_piped(False)
+        r.script_flush()  # as if the server restarted
+        replies = record_piped(False)
+        assert isinstance(replies[0], redis.exceptions.NoScriptError)
+        assert b.snapshot().state == "open"  # booked by the direct re-run, on the shared store
+        assert not recorder.of(events.StoreUnavailable)
+
     def test_list_breakers(self, r: redis.Redis) -> None:
         names = sorted(f"l-{uuid.uuid4().hex[:8]}-{i}" for i in range(3))
         for name in names:

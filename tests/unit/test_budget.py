@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import fakeredis
 import pytest
+import redis
 
 from policies import events
 from policies.budget import (
@@ -129,6 +131,24 @@ class TestRedisBudgetStore:
             b.queue_record_call(pipe, 40)
             pipe.execute()
         assert b.snapshot().calls == 40
+
+    def test_queued_record_survives_noscript(self, r: redis.Redis, clock: FakeClock) -> None:
+        b = budget(RedisBudgetStore(r, clock=clock))
+
+        def record_piped(count: int) -> list[Any]:
+            with r.pipeline(transaction=False) as pipe:
+                queued = b.queue_record_call(pipe, count)
+                results = pipe.execute(raise_on_error=False)
+            queued.reply(results)
+            return results
+
+        record_piped(10)  # the first queue of the script loads it
+        r.config_resetstat()
+        record_piped(10)
+        assert "cmdstat_script|exists" not in r.info("commandstats")
+        r.script_flush()  # as if the server restarted
+        assert isinstance(record_piped(20)[0], redis.exceptions.NoScriptError)
+        assert b.snapshot().calls == 40  # the NOSCRIPT entry ran again, directly
 
     def test_queue_needs_redis_store(self, clock: FakeClock) -> None:
         with pytest.raises(TypeError):
