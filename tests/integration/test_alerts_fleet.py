@@ -84,3 +84,29 @@ class TestAlertPipeline:
             # The dead-man's switch went out too.
             names = {a["name"] for p in rec.payloads() for a in p["alerts"]}
             assert "Watchdog" in names
+
+
+class TestNotifyRetry:
+    """A webhook down for longer than the sink's own retries is retried by Celery countdown."""
+
+    def test_delivered_after_celery_retry(self, r: redis.Redis, start_worker: Any) -> None:
+        with Receiver() as rec:
+            # The sink's three tenacity attempts at the health alert all fail.
+            rec.fail_next, rec.fail_only = [503] * 3, b"HealthCheckUnhealthy"
+            start_worker(
+                ["alerts"],
+                name="alerts",
+                concurrency=1,
+                env={
+                    "BULWARK_ALERT_WEBHOOK_URL": rec.url,
+                    "BULWARK_ALERT_WEBHOOK_SECRET": SECRET,
+                    "BULWARK_ALERT_GROUP_WAIT": "0",
+                },
+            )
+            write_health(r, "unhealthy")
+            out = client().send_task("bulwark.alerts.evaluate").get(timeout=30)
+            assert "webhook" in out["deliveries"]
+            poll(lambda: redis_alerts(rec), deadline=30, what="delivery after the Celery retry")
+            tries = [q["status"] for q in rec.requests if b"HealthCheckUnhealthy" in q["body"]]
+            assert tries == [503, 503, 503, 200], "three refused attempts, then the Celery retry"
+            assert redis_alerts(rec) == [("firing", "critical")]

@@ -41,6 +41,7 @@ class Receiver:
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
         self.fail_next: list[int] = []  # status codes to answer with, in order
+        self.fail_only: bytes = b""  # ... to requests whose body contains this
         self._lock = threading.Lock()
         outer = self
 
@@ -48,9 +49,11 @@ class Receiver:
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 with outer._lock:
-                    status = outer.fail_next.pop(0) if outer.fail_next else 200
+                    status = 200
+                    if outer.fail_next and outer.fail_only in body:
+                        status = outer.fail_next.pop(0)
                     outer.requests.append(
-                        {"path": self.path, "headers": dict(self.headers), "body": body}
+                        {"headers": dict(self.headers), "body": body, "status": status}
                     )
                 self.send_response(status)
                 self.send_header("Content-Length", "0")
@@ -66,8 +69,9 @@ class Receiver:
         )
 
     def payloads(self) -> list[dict[str, Any]]:
+        """The bodies of the requests it accepted (answered 200)."""
         with self._lock:
-            return [json.loads(r["body"]) for r in self.requests]
+            return [json.loads(r["body"]) for r in self.requests if r["status"] == 200]
 
     def __enter__(self) -> Receiver:
         self.thread.start()

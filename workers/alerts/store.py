@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import redis
 
@@ -71,7 +71,7 @@ class AlertStore:
         with self._client.pipeline(transaction=True) as pipe:
             while True:
                 try:
-                    pipe.watch(self.active_key, self.silences_key)
+                    pipe.watch(self.active_key, self.silences_key)  # type: ignore[no-untyped-call]
                     now = self._now(pipe)
                     stored = _decode(pipe.hgetall(self.active_key), Alert.from_json)
                     silences = _decode(pipe.hgetall(self.silences_key), Silence.from_json)
@@ -137,5 +137,6 @@ class AlertStore:
         return float(seconds) + micros / 1_000_000
 
 
-def _decode(raw: Mapping[bytes, bytes], parse: Callable[[bytes], T]) -> dict[str, T]:
+def _decode(raw: Mapping[Any, Any], parse: Callable[[bytes], T]) -> dict[str, T]:
+    """A hash from HGETALL (bytes keys and values) parsed value by value."""
     return {k.decode(): parse(v) for k, v in raw.items()}
