@@ -27,6 +27,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from celery import signals
+from celery._state import get_current_task
+from opentelemetry import trace
 
 __all__ = [
     "JsonFormatter",
@@ -111,8 +113,6 @@ def extra_fields(record: logging.LogRecord) -> list[str]:
 
 def task_context(record: logging.LogRecord) -> dict[str, str]:
     """`task_id` and `task_name` of the running task, else of the task a Celery line is about."""
-    from celery._state import get_current_task
-
     task = get_current_task()
     if task is not None and task.request is not None and task.request.id is not None:
         return {"task_id": str(task.request.id), "task_name": str(task.name)}
@@ -127,10 +127,6 @@ def task_context(record: logging.LogRecord) -> dict[str, str]:
 
 def trace_context() -> dict[str, str]:
     """`trace_id` and `span_id` (hex) of the current OpenTelemetry span, if there is one."""
-    try:
-        from opentelemetry import trace
-    except ImportError:  # pragma: no cover - a dependency, but logs must never fail
-        return {}
     context = trace.get_current_span().get_span_context()
     if not context.is_valid:
         return {}
