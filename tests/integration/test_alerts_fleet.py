@@ -48,7 +48,7 @@ class TestAlertPipeline:
 
     def test_fires_dedups_and_resolves(self, r: redis.Redis, start_worker: Any) -> None:
         with Receiver() as rec:
-            start_worker(
+            worker = start_worker(
                 ["alerts"],
                 name="alerts",
                 concurrency=1,
@@ -84,6 +84,9 @@ class TestAlertPipeline:
             # The dead-man's switch went out too.
             names = {a["name"] for p in rec.payloads() for a in p["alerts"]}
             assert "Watchdog" in names
+            log = worker.log.read_text()
+            assert "HealthCheckUnhealthy" in log, "the log sink logged the alert"
+            assert SECRET not in log
 
 
 class TestNotifyRetry:
