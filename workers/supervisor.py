@@ -139,6 +139,7 @@ def up(
         fleet = plan(settings, procfile, only=only, without=without)
         fleet.env["REDIS_URL"] = redis_url
         fleet.env["BULWARK_STATE_DIR"] = str(state_dir)
+        fleet.env.setdefault("BULWARK_METRICS_DIR", str(state_dir / "metrics"))
         print(
             banner(fleet, redis_url, embedded is not None, settings.security.flower_port),
             flush=True,
