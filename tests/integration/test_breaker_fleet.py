@@ -220,7 +220,8 @@ class TestOutage:
         redis_server.kill()
         try:
             # Until the change feed notices, a cached "closed" still admits without Redis.
-            poll(lambda: not lenient.store.cache_trusted(), deadline=5, what="feed sees outage")
+            for b in (lenient, strict):  # each has its own client, so its own feed
+                poll(lambda b=b: not b.store.cache_trusted(), deadline=5, what="feed sees outage")
             permits = [lenient.acquire() for _ in range(3)]
             assert {p.source for p in permits} == {"local"}
             for p in permits:
