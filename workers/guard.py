@@ -220,8 +220,7 @@ class Guard:
             else None
         )
         release = self.bulkhead.release_in(pipe, lease) if lease is not None else None
-        if self.budget is not None:
-            self.budget.queue_record_call(pipe)
+        counted = self.budget.queue_record_call(pipe) if self.budget is not None else None
         if not len(pipe):
             return
         results: list[Any] | BaseException
@@ -233,6 +232,8 @@ class Guard:
             record.settle(results)
         if release is not None:
             release.finish(results)
+        if counted is not None:
+            counted.reply(results)  # re-runs the count if Redis lost its scripts (a restart)
 
     # -- when the job cannot run now, or failed ----------------------------------------------
 
