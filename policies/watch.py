@@ -89,13 +89,14 @@ class ChangeFeed:
         while not self._stop.is_set():
             try:
                 self._serve()
-            except (redis.RedisError, OSError, ValueError) as exc:
-                # OSError/ValueError: the client's pool was closed under the thread.
+            except Exception as exc:
+                # Whatever broke (a lost connection, a pool closed under the thread),
+                # the feed says so, drops every cache and connects again: it never dies.
                 if self._healthy.is_set():
                     logger.warning("change feed lost its connection: %s", exc)
                 self._reset_all()
                 if self._pubsub is not None:
-                    with contextlib.suppress(redis.RedisError):
+                    with contextlib.suppress(Exception):
                         self._pubsub.close()
                 self._pubsub = None
                 with self._lock:
