@@ -62,8 +62,8 @@ def main() -> None:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    healthy = float(os.environ.get("BULWARK_DEMO_HEALTHY", "20"))
-    outage = float(os.environ.get("BULWARK_DEMO_OUTAGE", "25"))
+    healthy = float(os.environ.get("BULWARK_DEMO_HEALTHY", "60"))
+    outage = float(os.environ.get("BULWARK_DEMO_OUTAGE", "20"))
     threading.Thread(target=flaky_payments, args=(healthy, outage, stop), daemon=True).start()
     started = time.monotonic()
     sent = produce(float(os.environ.get("BULWARK_DEMO_RATE", "5")), stop)
