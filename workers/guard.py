@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from policies.budget import BudgetConfig, RedisBudgetStore, RetryBudget
 from policies.bulkhead import Bulkhead, BulkheadConfig, Lease
 from policies.classify import FailureKind
 from policies.degradation import Degradation, DegradationConfig
-from policies.degradation_store import Level, RedisDegradationStore
+from policies.degradation_store import RedisDegradationStore
 from policies.errors import PolicyRejected, RetryBudgetExhausted, ServiceDegraded
 from policies.retry import RetryPolicy
 from workers.eventlog import log_event
@@ -344,9 +345,7 @@ def _guard(task_name: str, pid: int) -> Guard:
 
 def guard_for(task: ResilientTask) -> Guard:
     """The guard of `task` in this process (built on its first run, after fork)."""
-    import os
-
     return _guard(task.name, os.getpid())
 
 
-__all__ = ["Guard", "Level", "guard_for", "policy"]
+__all__ = ["Guard", "guard_for", "observe_services", "policy"]
