@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from typing import Any
 
@@ -32,14 +32,18 @@ from celery import signals
 from opentelemetry import trace
 from opentelemetry.instrumentation.celery import CeleryInstrumentor
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import Event as SpanEvent
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
     ConsoleSpanExporter,
     SpanExporter,
+    SpanExportResult,
 )
+from opentelemetry.trace import Status
 
 from policies import events
+from workers.logs import redact, redact_value
 from workers.settings import SettingsError
 
 __all__ = [
@@ -81,15 +85,63 @@ def exporter_name(env: Mapping[str, str] | None = None) -> str:
 
 
 def exporter_from_env(env: Mapping[str, str] | None = None) -> SpanExporter | None:
-    """The span exporter the environment asks for, or None (`none`)."""
+    """The span exporter the environment asks for (behind `RedactingExporter`), or None."""
     name = exporter_name(env)
     if name == "otlp":
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-        return OTLPSpanExporter()  # endpoint, headers, timeout: OTEL_EXPORTER_OTLP_*
+        # endpoint, headers, timeout: OTEL_EXPORTER_OTLP_*
+        return RedactingExporter(OTLPSpanExporter())
     if name == "console":
-        return ConsoleSpanExporter()
+        return RedactingExporter(ConsoleSpanExporter())
     return None
+
+
+def _masked(attributes: Mapping[str, Any] | None) -> dict[str, Any]:
+    return {
+        k: redact_value(v, k) if isinstance(v, str) else v for k, v in (attributes or {}).items()
+    }
+
+
+class RedactingExporter(SpanExporter):
+    """Masks secrets in span attributes, event attributes and status text before export.
+
+    The Celery instrumentation records a failed task's exception message and
+    stack trace on its span; an exception may quote a password or a token, and
+    a trace must never carry one.
+    """
+
+    def __init__(self, inner: SpanExporter) -> None:
+        self.inner = inner
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        return self.inner.export([self._redacted(span) for span in spans])
+
+    @staticmethod
+    def _redacted(span: ReadableSpan) -> ReadableSpan:
+        status = span.status
+        if status.description:
+            status = Status(status.status_code, redact(status.description))
+        return ReadableSpan(
+            name=span.name,
+            context=span.context,
+            parent=span.parent,
+            resource=span.resource,
+            attributes=_masked(span.attributes),
+            events=[SpanEvent(e.name, _masked(e.attributes), e.timestamp) for e in span.events],
+            links=span.links,
+            kind=span.kind,
+            status=status,
+            start_time=span.start_time,
+            end_time=span.end_time,
+            instrumentation_scope=span.instrumentation_scope,
+        )
+
+    def shutdown(self) -> None:
+        self.inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self.inner.force_flush(timeout_millis)
 
 
 def _resource(default_service: str) -> Resource:
@@ -153,8 +205,6 @@ def shutdown() -> None:
 
 
 def _attributes(event: events.Event) -> dict[str, str | int | float | bool]:
-    from workers.logs import redact
-
     attributes: dict[str, str | int | float | bool] = {}
     for f in fields(event):
         value = getattr(event, f.name)

@@ -28,7 +28,9 @@ class TestExporterChoice:
     def test_an_endpoint_means_otlp_over_http(self, var: str) -> None:
         env = {var: "http://127.0.0.1:4318"}
         assert tracing.exporter_name(env) == "otlp"
-        assert isinstance(tracing.exporter_from_env(env), OTLPSpanExporter)
+        exporter = tracing.exporter_from_env(env)
+        assert isinstance(exporter, tracing.RedactingExporter)
+        assert isinstance(exporter.inner, OTLPSpanExporter)
 
     def test_explicit_none_wins_over_an_endpoint(self) -> None:
         env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://x:4318", "OTEL_TRACES_EXPORTER": "none"}
@@ -115,3 +117,33 @@ class TestSpanEvents:
         assert tracing.event_name(
             events.TaskFellBack(policy="d", name="n", task_name="t", task_id=None, status="s")
         ) == ("bulwark.task_fell_back")
+
+
+class TestRedactingExporter:
+    """Secrets in exception text and attributes never leave the process in a span."""
+
+    def test_exception_event_and_status_are_masked(self) -> None:
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+        from opentelemetry.trace import Status, StatusCode
+
+        from workers.tracing import RedactingExporter
+
+        memory = InMemorySpanExporter()
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(RedactingExporter(memory)))
+        tracer = provider.get_tracer("test")
+        with tracer.start_as_current_span("run/payments.charge") as span:
+            error = ConnectionError("cannot reach redis://:hunter2@db:6379/0 (password=hunter2)")
+            span.record_exception(error)
+            span.set_attribute("api_key", "hunter2")
+            span.set_attribute("celery.task_name", "payments.charge")
+            span.set_status(Status(StatusCode.ERROR, str(error)))
+        (exported,) = memory.get_finished_spans()
+        dumped = exported.to_json()
+        assert "hunter2" not in dumped
+        assert exported.attributes["celery.task_name"] == "payments.charge"
+        assert exported.events[0].name == "exception"
+        assert "redis://:" in exported.events[0].attributes["exception.message"]
+        assert exported.context == span.get_span_context()
