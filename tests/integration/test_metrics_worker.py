@@ -86,3 +86,47 @@ class TestWorkerMetrics:
         sub_queues = [k for k in r.keys("inventory*") if k != b"inventory"]
         assert sub_queues, "priorities landed in kombu's sub-queue lists"
         assert queue_depths(r, ["inventory", "payments"]) == {"inventory": 4, "payments": 0}
+
+
+class TestPolicyStateMetrics:
+    """Deferred, retried and dead-lettered tasks are counted by a real worker, by task and queue."""
+
+    def test_deferred_retried_and_dead_lettered(self, r: redis.Redis, start_worker) -> None:
+        from policies.bulkhead import Bulkhead, BulkheadConfig
+        from tasks.dependencies import dependency
+
+        fast = {"BULWARK_RETRY_BASE_DELAY": "0.05", "BULWARK_RETRY_MAX_DELAY": "0.2",
+                "BULWARK_DEFER_MAX_DELAY": "0.3"}  # fmt: skip
+        worker = start_worker(["payments"], name="payments", env=fast)
+        url = wait_address(r, worker.hostname)["url"]
+        app = client()
+        # Permanent failure: straight to the dead-letter store.
+        with pytest.raises(ValueError):
+            app.send_task("payments.charge", args=["o-bad", 0]).get(timeout=30)
+        # A full bulkhead: deferred until the permits come back.
+        hold = Bulkhead("payments", r, BulkheadConfig(limit=4))
+        leases = [hold.try_acquire() for _ in range(4)]
+        deferred = app.send_task("payments.charge", args=["o-wait", 100])
+        poll(lambda: deferred.state == "RETRY", what="the task to be deferred")
+        for lease in leases:
+            lease.release()
+        deferred.get(timeout=30)
+        # A transient failure: retried, then (the gateway still down) dead-lettered.
+        dependency("payments").set_outage(60)
+        with pytest.raises(ConnectionError):
+            app.send_task("payments.charge", args=["o-down", 100]).get(timeout=30)
+        labels = {"task": "payments.charge", "queue": "payments"}
+
+        def counted() -> dict | None:  # type: ignore[type-arg]
+            s = scrape(url)
+            return (
+                s
+                if sample(s, "bulwark_tasks_total", state="dead_lettered", **labels) >= 2
+                else None
+            )
+
+        s = poll(counted, deadline=30, what="both dead letters counted")
+        assert sample(s, "bulwark_tasks_total", state="dead_lettered", **labels) == 2
+        assert sample(s, "bulwark_tasks_total", state="deferred", **labels) >= 1
+        assert sample(s, "bulwark_tasks_total", state="retried", **labels) == 2
+        assert sample(s, "bulwark_bulkhead_rejections_total", bulkhead="payments") >= 1
