@@ -21,12 +21,12 @@ from celery.exceptions import Ignore, Reject, Retry
 
 from policies import events
 from policies.breaker import CircuitBreaker, Permit, RedisBreakerStore
-from policies.breaker_config import BreakerConfig, consecutive_failures
+from policies.breaker.config import BreakerConfig, consecutive_failures
 from policies.budget import BudgetConfig, RedisBudgetStore, RetryBudget
 from policies.bulkhead import Bulkhead, BulkheadConfig, Lease
 from policies.classify import FailureKind
 from policies.degradation import Degradation, DegradationConfig
-from policies.degradation_store import RedisDegradationStore
+from policies.degradation.store import RedisDegradationStore
 from policies.errors import PolicyRejected, RetryBudgetExhausted, ServiceDegraded
 from policies.retry import RetryPolicy
 from workers.eventlog import log_event

@@ -153,7 +153,7 @@ def check_workers(ctx: HealthContext) -> Outcome:
 
 def check_degradation(ctx: HealthContext) -> Outcome:
     from policies.degradation import list_services
-    from policies.degradation_store import Level
+    from policies.degradation.store import Level
 
     services = list_services(ctx.policy)
     offline = sorted(s.service for s in services if s.level >= Level.offline)

@@ -559,7 +559,7 @@ def read_fleet() -> dict[str, Any]:
         client, broker = policy_redis(), broker_redis()
         status = fleet_status(client)
         for service in status["services"]:
-            from policies.degradation_store import Level
+            from policies.degradation.store import Level
 
             service["level_value"] = int(Level.parse(service["level"]))
         results, last_run = load_results(client)

@@ -6,7 +6,7 @@ import pytest
 import redis
 
 from policies import events
-from policies.degradation_store import Level
+from policies.degradation.store import Level
 from tests.kit import poll
 from workers.guard import ensure_listeners, observe_services, policy
 

@@ -13,7 +13,8 @@ import pytest
 import redis
 
 from policies import events
-from policies.bulkhead import FALLBACK_MODE, Bulkhead, BulkheadConfig
+from policies.bulkhead import Bulkhead, BulkheadConfig
+from policies.bulkhead.policy import FALLBACK_MODE
 from policies.errors import BulkheadFull
 from policies.watch import feed_for
 from tests.kit import poll

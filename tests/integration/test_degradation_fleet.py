@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from policies.degradation import Degradation, Level
-from policies.degradation_store import RedisDegradationStore
+from policies.degradation.store import RedisDegradationStore
 from policies.watch import feed_for
 from tests.kit import poll
 from tests.unit.test_degradation import count_steps

@@ -12,7 +12,7 @@ import redis
 
 from policies import events
 from policies.bulkhead import Bulkhead, BulkheadConfig, list_bulkheads
-from policies.bulkhead_store import BulkheadStore, MemoryBulkheadStore, RedisBulkheadStore
+from policies.bulkhead.store import BulkheadStore, MemoryBulkheadStore, RedisBulkheadStore
 from policies.clock import FakeClock
 from policies.errors import BulkheadFull, PolicyConfigError
 from policies.watch import feed_for

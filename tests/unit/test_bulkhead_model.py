@@ -7,7 +7,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from policies.bulkhead_store import BulkheadStore, MemoryBulkheadStore, RedisBulkheadStore
+from policies.bulkhead.store import BulkheadStore, MemoryBulkheadStore, RedisBulkheadStore
 from policies.clock import FakeClock
 
 LIMIT, TTL = 3, 1.0

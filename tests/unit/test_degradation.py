@@ -21,7 +21,7 @@ from policies.degradation import (
     list_services,
     pass_level,
 )
-from policies.degradation_store import (
+from policies.degradation.store import (
     DegradationStore,
     MemoryDegradationStore,
     RedisDegradationStore,

@@ -11,9 +11,9 @@ import pytest
 
 from policies import keys
 from policies.breaker import CircuitBreaker, RedisBreakerStore
-from policies.breaker_config import BreakerConfig
+from policies.breaker.config import BreakerConfig
 from policies.degradation import Degradation, DegradationConfig
-from policies.degradation_store import RedisDegradationStore
+from policies.degradation.store import RedisDegradationStore
 from workers.health import (
     CHECKS,
     LAST_RUN_KEY,

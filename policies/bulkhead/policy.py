@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 import redis
 
 from policies import events, keys
-from policies.bulkhead_store import (
+from policies.bulkhead.store import (
     BulkheadStore,
     MemoryBulkheadStore,
     Outcome,

@@ -11,8 +11,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from policies.breaker_config import WINDOW_BUCKETS, BreakerConfig, WindowStats
-from policies.breaker_store import COMMANDS, BreakerSnapshot, Permit, Reply
+from policies.breaker.config import WINDOW_BUCKETS, BreakerConfig, WindowStats
+from policies.breaker.store import COMMANDS, BreakerSnapshot, Permit, Reply
 from policies.clock import Clock, monotonic
 
 _COMMAND_MODES = {

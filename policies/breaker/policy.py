@@ -27,42 +27,23 @@ from typing import Any, ParamSpec, TypeVar
 import redis
 
 from policies import events, keys
-from policies.breaker_config import (
+from policies.breaker.config import (
     BreakerConfig,
-    TripRule,
-    WindowStats,
-    consecutive_failures,
-    failure_rate,
 )
-from policies.breaker_memory import MemoryBreakerStore
-from policies.breaker_store import (
+from policies.breaker.memory import MemoryBreakerStore
+from policies.breaker.store import (
     BreakerSnapshot,
     BreakerStore,
     Permit,
     RedisBreakerStore,
     Reply,
-    list_breakers,
 )
 from policies.clock import Clock, monotonic
 from policies.errors import CircuitOpen
 from policies.outage import STORE_ERRORS, Outage
 from policies.scripts import Queued
 
-__all__ = [
-    "BreakerConfig",
-    "BreakerSnapshot",
-    "BreakerStore",
-    "CircuitBreaker",
-    "MemoryBreakerStore",
-    "PendingRecord",
-    "Permit",
-    "RedisBreakerStore",
-    "TripRule",
-    "WindowStats",
-    "consecutive_failures",
-    "failure_rate",
-    "list_breakers",
-]
+__all__ = ["CircuitBreaker", "PendingRecord"]
 
 P = ParamSpec("P")
 R = TypeVar("R")

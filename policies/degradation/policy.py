@@ -40,7 +40,7 @@ import redis
 
 from policies import events, keys
 from policies.classify import Classifier, FailureKind, default_classifier
-from policies.degradation_store import (
+from policies.degradation.store import (
     POLICY,
     DegradationStore,
     Level,
@@ -57,9 +57,7 @@ __all__ = [
     "AutoDegrade",
     "Degradation",
     "DegradationConfig",
-    "Level",
     "Outcome",
-    "ServiceState",
     "list_services",
     "pass_level",
 ]

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import redis
 
 from policies import keys
-from policies.breaker_config import BreakerConfig
+from policies.breaker.config import BreakerConfig
 from policies.clock import Clock
 from policies.scripts import Queued, ScriptedRedisStore
 from policies.watch import feed_for
