@@ -31,7 +31,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from workers.embedded import EmbeddedRedis  # noqa: E402
+from workers.ops.embedded import EmbeddedRedis  # noqa: E402
 
 received: list[tuple[float, dict[str, Any]]] = []
 arrived = threading.Condition()
@@ -71,7 +71,7 @@ def wait_for(status: str, since: float, deadline: float) -> float | None:
 
 
 def bulwark(*args: str) -> None:
-    from workers.cli import main
+    from workers.ops.cli import main
 
     with contextlib.redirect_stdout(io.StringIO()):
         main(list(args))
@@ -97,7 +97,7 @@ def main() -> None:
         only = ["--only", "worker_general", "--only", "worker_alerts", "--only", "beat"]
         log = Path(tmp, "fleet.log").open("w")  # noqa: SIM115 (lives as long as the fleet)
         fleet = subprocess.Popen(
-            [sys.executable, "-m", "workers.cli", "up", *only],
+            [sys.executable, "-m", "workers.ops.cli", "up", *only],
             env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         try:

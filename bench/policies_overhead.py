@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from policies import keys  # noqa: E402
-from workers.embedded import EmbeddedRedis  # noqa: E402
+from workers.ops.embedded import EmbeddedRedis  # noqa: E402
 
 DONE = keys.key("bench", "tasks", "done")
 HOST = "bench@local"
@@ -81,7 +81,7 @@ def one_run(app: Any, client: redis.Redis, task: str, n: int) -> tuple[float, di
 
 
 def throughput(url: str, n: int, rounds: int, workdir: Path) -> None:
-    from workers.client import client as make_client
+    from workers.ops.client import client as make_client
 
     os.environ["REDIS_URL"] = url
     app = make_client()

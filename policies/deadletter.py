@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -90,6 +91,17 @@ class DeadLetterStore:
             pipe.zrem(self._index, letter_id)
             removed, _ = pipe.execute()
         return bool(removed)
+
+    def queue_counts(self, pipe: redis.client.Pipeline) -> None:
+        """Queue the reads of `count()` and `total()` on `pipe` (two replies, in that order)."""
+        pipe.zcard(self._index)
+        pipe.get(self._total)
+
+    @staticmethod
+    def read_counts(replies: Sequence[Any]) -> tuple[int, int]:
+        """(count, total) from the two replies `queue_counts` queued."""
+        count, total = replies
+        return int(count), int(total or 0)
 
     def count(self) -> int:
         return int(self._client.zcard(self._index))

@@ -39,6 +39,11 @@ def pattern(policy: str, field: str) -> str:
     return f"{PREFIX}:{{{_check(policy, 'policy')}:*}}:{_check(field, 'field')}"
 
 
+def index(policy: str) -> str:
+    """The set of the instance names of `policy` (see `policies.index`)."""
+    return key("index", policy, "names")
+
+
 def name_of(full_key: str) -> str:
     """The instance name inside a key built by `key()`."""
     start, end = full_key.index("{") + 1, full_key.index("}")

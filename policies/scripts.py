@@ -72,14 +72,17 @@ class Scripts:
 
         Calling the registered script with `client=pipe` would make the pipeline
         send SCRIPT EXISTS first: one more round trip on every call. Instead the
-        script is loaded once, the first time it is queued on this client.
+        first call on this client is an EVAL of the source, which loads it.
         """
         script = self[name]
-        if name not in self._registry.queued:
-            self._client.script_load(script.script)
-            self._registry.queued.add(name)
         index = len(pipe)
-        pipe.evalsha(script.sha, len(keys), *keys, *args)
+        if name in self._registry.queued:
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+        else:
+            # The first call sends the source (EVAL caches it on the server): no round
+            # trip of its own, and nothing raised here while Redis is unreachable.
+            pipe.eval(script.script, len(keys), *keys, *args)
+            self._registry.queued.add(name)
         return Queued(self, name, keys, args, index)
 
     def reload(self) -> None:

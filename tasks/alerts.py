@@ -7,11 +7,11 @@ from typing import Any
 
 from celery import Task
 
-from workers.alerts.dispatch import deliver, evaluate
-from workers.alerts.sinks import SinkError
 from workers.app import app
 from workers.resources import broker_redis, policy_redis
 from workers.settings import get_settings
+from workers.telemetry.alerts.dispatch import deliver, evaluate
+from workers.telemetry.alerts.sinks import SinkError
 
 log = logging.getLogger("bulwark.alerts")
 

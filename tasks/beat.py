@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from workers.app import app
-from workers.guard import observe_services
+from workers.autodegrade import observe_services
 
 
 @app.task(name="bulwark.policies.tick", ignore_result=True)

@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 from workers.app import app
-from workers.health import HealthContext, run_checks, store_results, worst
+from workers.telemetry.health import HealthContext, run_checks, store_results, worst
 
 
 @app.task(name="bulwark.health.check", ignore_result=True)

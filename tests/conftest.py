@@ -1,15 +1,22 @@
-"""Session fixtures: a private redis-server on a random loopback port, real workers."""
+"""Session fixtures: a private redis-server on a random loopback port, real workers,
+and for pure unit tests fakeredis (with Lua) and a fake clock."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import fakeredis
 import pytest
 import redis
 
+from policies.clock import FakeClock
 from tests.kit import Worker
-from workers.embedded import EmbeddedRedis
+from workers import guard, resources, settings
+from workers.ops.embedded import EmbeddedRedis
+
+StartWorker = Callable[..., Worker]
 
 
 @pytest.fixture(scope="session")
@@ -27,10 +34,10 @@ def redis_url(redis_server: EmbeddedRedis) -> str:
 
 @pytest.fixture
 def r(redis_url: str) -> Iterator[redis.Redis]:
-    """A client on the session server, flushed after each test."""
+    """A client on the session server, flushed first (also when requested dynamically)."""
     client = redis.Redis.from_url(redis_url)
+    client.flushall()
     yield client
-    client.flushdb()
     client.close()
 
 
@@ -38,28 +45,26 @@ def r(redis_url: str) -> Iterator[redis.Redis]:
 def _settings_from_test_env(
     monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
 ) -> None:
-    """Point in-process settings at the test Redis, never at the developer's."""
-    from workers import resources, settings
-
-    for name in list(__import__("os").environ):
+    """Point in-process settings at the test Redis (flushed first), never at the developer's."""
+    for name in list(os.environ):
         if name.startswith(("BULWARK_", "CELERY_")):
             monkeypatch.delenv(name)
     if "redis_url" in request.fixturenames:
-        monkeypatch.setenv("REDIS_URL", request.getfixturevalue("redis_url"))
+        url = request.getfixturevalue("redis_url")
+        with redis.Redis.from_url(url) as client:
+            client.flushall()  # at setup: no test sees what another left behind
+        monkeypatch.setenv("REDIS_URL", url)
     else:
         monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")  # nothing listens there
     settings.get_settings.cache_clear()
-    resources.forget_clients()
-    from workers import guard
-    from workers.registry import registry
-
-    registry.forget_built()
-    guard._guard.cache_clear()
+    resources.forget()
+    guard.forget_guards()
 
 
 @pytest.fixture
-def start_worker(redis_url: str, tmp_path: Path) -> Iterator[object]:
-    """Start real worker subprocesses; every one is stopped after the test."""
+def start_worker(redis_url: str, tmp_path: Path) -> Iterator[StartWorker]:
+    """Start real worker subprocesses; each is stopped after the test, and must exit
+    cleanly (code 0 on SIGTERM) with no crash in its log, unless the test killed it."""
     started: list[Worker] = []
 
     def start(
@@ -81,5 +86,18 @@ def start_worker(redis_url: str, tmp_path: Path) -> Iterator[object]:
         return worker.start()
 
     yield start
-    for worker in started:
-        worker.stop()
+    problems = [p for worker in started for p in worker.stop_and_check()]
+    assert not problems, "\n".join(problems)
+
+
+@pytest.fixture
+def fake_redis() -> Iterator[fakeredis.FakeRedis]:
+    server = fakeredis.FakeServer()
+    client = fakeredis.FakeRedis(server=server)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -9,11 +10,14 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import pytest
 import redis
 
-from policies import keys
+from policies.breaker import BreakerSnapshot
+from policies.degradation import Level, ServiceState
+from workers.fleet import heartbeat_key
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -33,6 +37,15 @@ def poll(
     raise AssertionError(
         f"timed out after {deadline:g} s waiting for {what or check!r} (last: {last!r})"
     )
+
+
+def need(available: object, what: str) -> None:
+    """Skip without `what` on a developer's machine; fail under CI, where .ci/run installs it."""
+    if available:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"{what}: CI must have it (.ci/run installs it)")
+    pytest.skip(f"{what} (.ci/run installs it)")
 
 
 def child_env(redis_url: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -70,6 +83,7 @@ class Worker:
         ]  # fmt: skip
         self.env = child_env(redis_url, env)
         self.process: subprocess.Popen[bytes] | None = None
+        self.killed = False
 
     def start(self, deadline: float = 30.0) -> Worker:
         out = self.log.open("ab")
@@ -78,7 +92,7 @@ class Worker:
             start_new_session=True,
         )  # fmt: skip
         client = redis.Redis.from_url(self.redis_url)
-        key = keys.key("worker", self.hostname, "heartbeat")
+        key = heartbeat_key(self.hostname)
 
         def ready() -> bool:
             if self.process is not None and self.process.poll() is not None:
@@ -87,6 +101,13 @@ class Worker:
 
         poll(ready, deadline=deadline, what=f"worker {self.hostname} ready")
         return self
+
+    def kill(self) -> None:
+        """SIGKILL the whole worker (main process and pool): no warm shutdown."""
+        assert self.process is not None
+        self.killed = True
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
 
     def stop(self, timeout: float = 15.0) -> int:
         if self.process is None:
@@ -99,3 +120,76 @@ class Worker:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         return self.process.returncode
+
+    def stop_and_check(self) -> list[str]:
+        """Stop, then what went wrong: an unclean exit, or a crash in the log.
+
+        A crash is a raw traceback (printed outside the JSON log lines), a
+        critical line, or Celery's "Unrecoverable error". A task's own failure is
+        logged as a JSON line with its exception inside: that is not a crash.
+        """
+        code = self.stop()
+        if self.killed or self.process is None:
+            return []
+        problems = []
+        if code != 0:
+            problems.append(f"worker {self.hostname} exited with {code}")
+        for line in self.log.read_text(errors="replace").splitlines():
+            if line.startswith("Traceback") or "Unrecoverable error" in line:
+                problems.append(f"worker {self.hostname} crashed: {line[:300]}")
+            elif line.startswith("{"):
+                try:
+                    level = json.loads(line).get("level")
+                except ValueError:
+                    continue
+                if level == "critical":
+                    problems.append(f"worker {self.hostname} logged critical: {line[:300]}")
+        if problems:
+            problems.append(f"log {self.log}:\n{self.log.read_text(errors='replace')[-3000:]}")
+        return problems
+
+
+# -- hand-made parts of a fleet snapshot -------------------------------------------------------
+
+
+def breaker_snapshot(name: str, state: str = "closed", **fields: Any) -> BreakerSnapshot:
+    """A `BreakerSnapshot` as a store would report it, for hand-made fleet snapshots."""
+    circuit = {"forced_open": "open", "disabled": "closed", "metrics_only": "closed"}
+    values: dict[str, Any] = {
+        "name": name,
+        "state": state,
+        "circuit": circuit.get(state, state),
+        "failures": 0,
+        "window_calls": 0,
+        "window_failures": 0,
+        "opened_until": None,
+        "retry_after": 0.0,
+        "trips": 0,
+        "trials_in_flight": 0,
+        "trial_successes": 0,
+        "gen": 0,
+        "source": "redis",
+    }
+    return BreakerSnapshot(**{**values, **fields})
+
+
+def service_state(name: str, level: str = "full", **fields: Any) -> ServiceState:
+    """A `ServiceState` as a store would report it, for hand-made fleet snapshots."""
+    values: dict[str, Any] = {
+        "service": name,
+        "level": Level.parse(level),
+        "from_level": Level.parse(level),
+        "changed": False,
+        "gen": 0,
+        "reason": "",
+        "source": "",
+        "floor": Level.full,
+        "now": 0.0,
+        "changed_at": None,
+        "left_full_at": None,
+        "healthy_since": None,
+        "recovered": None,
+        "last_recovery": None,
+        "recoveries": (),
+    }
+    return ServiceState(**{**values, **fields})

@@ -10,9 +10,11 @@ from typing import Any
 
 from celery import Celery
 
+from workers import lifecycle
 from workers.celeryconfig import build_config
 from workers.settings import get_settings
 from workers.task import ResilientTask
+from workers.telemetry import logs, metrics, probes, tracing
 
 
 class Bulwark(Celery):  # type: ignore[misc]
@@ -36,9 +38,7 @@ class Bulwark(Celery):  # type: ignore[misc]
 app = Bulwark("bulwark", include=["tasks.catalogue", "tasks.beat", "tasks.health", "tasks.alerts"])
 app.add_defaults(lambda: build_config(get_settings()))
 
-# Signal handlers live with what they serve: lifecycle (preflight, readiness,
-# heartbeats), logs, tracing and metrics (each set up after the worker forks).
-import workers.lifecycle  # noqa: E402
-import workers.logs  # noqa: E402
-import workers.metrics  # noqa: E402
-import workers.tracing  # noqa: E402,F401
+# Signal handlers live with what they serve: lifecycle (preflight, listeners,
+# heartbeats), logs, metrics and probes, tracing (each set up after the worker forks).
+for module in (lifecycle, logs, metrics, probes, tracing):
+    module.connect()

@@ -11,6 +11,7 @@ from celery import Celery
 
 from workers.celeryconfig import build_config
 from workers.settings import Settings, get_settings
+from workers.telemetry import metrics, tracing
 
 PRODUCER_KEYS = (
     "broker_url",
@@ -35,13 +36,13 @@ PRODUCER_KEYS = (
 def client(settings: Settings | None = None, *, name: str = "bulwark-client") -> Celery:
     """A Celery app that only produces: routes task names to Bulwark's queues.
 
+    Each send is stamped with its sent time (queue-wait metrics) and counted.
     Tracing is set up for this process (once): each send gets a producer span
     whose context travels in the message headers, so the worker's span of the
-    task is its child (see `workers.tracing`).
+    task is its child (see `workers.telemetry.tracing`).
     """
-    from workers import tracing
-
     tracing.setup_producer()
+    metrics.connect_producer()
     config = build_config(settings or get_settings())
     app = Celery(name)
     app.conf.update({k: config[k] for k in PRODUCER_KEYS})

@@ -8,144 +8,67 @@ the lease release and the retry budget's call count go out in ONE pipeline.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
+import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import redis
 from celery.exceptions import Ignore, Reject, Retry
 
 from policies import events
-from policies.breaker import CircuitBreaker, Permit, RedisBreakerStore
-from policies.breaker.config import BreakerConfig, consecutive_failures
-from policies.budget import BudgetConfig, RedisBudgetStore, RetryBudget
-from policies.bulkhead import Bulkhead, BulkheadConfig, Lease
+from policies.breaker import CircuitBreaker, Permit
+from policies.budget import RetryBudget
+from policies.bulkhead import Bulkhead, Lease
 from policies.classify import FailureKind
-from policies.degradation import Degradation, DegradationConfig
-from policies.degradation.store import RedisDegradationStore
+from policies.degradation import Degradation
 from policies.errors import PolicyRejected, RetryBudgetExhausted, ServiceDegraded
 from policies.retry import RetryPolicy
-from workers.eventlog import log_event
-from workers.registry import Declaration, registry
-from workers.resources import policy_redis
+from workers import listeners
+from workers.resources import policy, policy_redis
 from workers.settings import Settings, get_settings
-from workers.task import ATTEMPT_HEADER, DEFERRALS_HEADER, ResilientTask, jittered, rejected_reason
 
 logger = logging.getLogger(__name__)
 
 #: Celery's own control flow raised from a task body: not a failure of the dependency.
 CONTROL_FLOW = (Retry, Ignore, Reject)
+DEFERRALS_HEADER = "bulwark_deferrals"
+ATTEMPT_HEADER = "bulwark_attempt"
 
 
-# -- building policies from declarations + settings ------------------------------------------
+class GuardedTask(Protocol):
+    """What the guard needs of a task (`workers.task.GuardedTask` is one)."""
+
+    name: str
+    request: Any
+    breaker: str | None
+    bulkhead: str | None
+    service: str | None
+    budget: str | None
+    fallback: Callable[..., Any] | None
+    defer_max: int | None
+
+    def run(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    def header(self, name: str, default: int = 0) -> int: ...
+
+    def reschedule(self, countdown: float, *, reason: str, deferral: bool) -> Retry: ...
+
+    def dead_letter(self, reason: str, error: BaseException | None = None) -> Any: ...
 
 
-def build_breaker(decl: Declaration) -> CircuitBreaker:
-    r = get_settings().resilience
-    options: dict[str, Any] = {
-        "trip": consecutive_failures(r.breaker_failure_threshold),
-        "open_timeout": r.breaker_timeout,
-        "max_open_timeout": max(r.breaker_timeout, 300.0),
-        "success_threshold": r.breaker_success_threshold,
-        **decl.overrides,
-    }
-    config = BreakerConfig.from_mapping(options)
-    return CircuitBreaker(decl.name, config, RedisBreakerStore(policy_redis()))
+def jittered(seconds: float, cap: float) -> float:
+    """`seconds` plus up to 10 % (at least 50 ms) of jitter, capped: deferred tasks spread out."""
+    spread = max(0.05, seconds * 0.1)
+    return min(cap, max(0.0, seconds) + random.uniform(0.0, spread))
 
 
-def build_bulkhead(decl: Declaration) -> Bulkhead:
-    options = {"limit": get_settings().resilience.bulkhead_max_concurrent, **decl.overrides}
-    return Bulkhead(decl.name, policy_redis(), BulkheadConfig.from_mapping(options))
-
-
-def build_service(decl: Declaration) -> Degradation:
-    r = get_settings().resilience
-    options = {
-        "enabled": r.degradation_enabled,
-        "recovery_step": r.degradation_recovery_step,
-        **decl.overrides,
-    }
-    config = DegradationConfig(**options)
-    return Degradation(decl.name, RedisDegradationStore(policy_redis()), config)
-
-
-def build_budget(decl: Declaration) -> RetryBudget:
-    r = get_settings().resilience
-    options = {
-        "ratio": r.retry_budget_ratio,
-        "window": r.retry_budget_window,
-        "min_retries": r.retry_budget_min,
-        **decl.overrides,
-    }
-    return RetryBudget(decl.name, BudgetConfig(**options), store=RedisBudgetStore(policy_redis()))
-
-
-BUILDERS = {
-    "breaker": build_breaker,
-    "bulkhead": build_bulkhead,
-    "service": build_service,
-    "budget": build_budget,
-}
-
-
-def policy(kind: str, name: str) -> Any:
-    """The process-wide policy object of `kind` `name` (built on first use, after fork)."""
-    return registry.build(kind, name, BUILDERS[kind])
-
-
-OPEN_STATES = frozenset({"open", "half_open", "forced_open"})
-
-
-def observe_service(name: str, *, breaker_open: bool | None = None) -> str | None:
-    """Apply the automatic degradation rule to service `name` from its breaker's state.
-
-    The breaker and the service of one dependency share its name. Returns the
-    new level if it changed.
-    """
-    service: Degradation = policy("service", name)
-    failures = 0
-    if breaker_open is None and any(d.name == name for d in registry.declared("breaker")):
-        snapshot = policy("breaker", name).snapshot()
-        breaker_open = snapshot.state in OPEN_STATES
-        failures = snapshot.window_failures
-    state = service.observe(breaker_open=bool(breaker_open), failures=failures)
-    return str(state.level) if state is not None and state.changed else None
-
-
-def observe_services() -> dict[str, Any]:
-    """`observe_service` for every declared service: what the beat tick runs."""
-    changes = {}
-    for decl in registry.declared("service"):
-        changed = observe_service(decl.name)
-        if changed is not None:
-            changes[decl.name] = changed
-    return changes
-
-
-def degrade_on_breaker(event: events.Event) -> None:
-    """Listener: a breaker of a declared service opened or closed -> re-assess the service now."""
-    if not isinstance(event, events.BreakerTransition):
-        return
-    if any(d.name == event.name for d in registry.declared("service")):
-        observe_service(event.name, breaker_open=event.to_state in OPEN_STATES)
-
-
-_listening = threading.Lock()
-_listeners_on = False
-
-
-def ensure_listeners() -> None:
-    """Subscribe the worker-side listeners to policy events, once per process."""
-    global _listeners_on
-    with _listening:
-        if not _listeners_on:
-            events.default_emitter.subscribe(log_event)
-            events.default_emitter.subscribe(degrade_on_breaker)
-            _listeners_on = True
+def rejected_reason(error: PolicyRejected) -> str:
+    return f"{error.policy} {error.name!r}: {error.reason}"
 
 
 # -- the guard -------------------------------------------------------------------------------
@@ -166,7 +89,7 @@ class Guard:
 
     # -- the hot path ----------------------------------------------------------------------
 
-    def run(self, task: ResilientTask, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def run(self, task: GuardedTask, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if self.service is not None:
             level = self.service.level()
             if level > self.service.config.run_up_to:
@@ -191,7 +114,7 @@ class Guard:
         self._after(permit, lease, success=True, duration=time.perf_counter() - started)
         return value
 
-    def _permit(self, task: ResilientTask) -> Permit | None:
+    def _permit(self, task: GuardedTask) -> Permit | None:
         if self.breaker is None:
             return None
         try:
@@ -199,7 +122,7 @@ class Guard:
         except PolicyRejected as error:
             raise self._defer(task, error) from None
 
-    def _lease(self, task: ResilientTask, permit: Permit | None) -> Lease | None:
+    def _lease(self, task: GuardedTask, permit: Permit | None) -> Lease | None:
         if self.bulkhead is None:
             return None
         try:
@@ -238,7 +161,7 @@ class Guard:
 
     # -- when the job cannot run now, or failed ----------------------------------------------
 
-    def _defer(self, task: ResilientTask, error: PolicyRejected) -> BaseException:
+    def _defer(self, task: GuardedTask, error: PolicyRejected) -> BaseException:
         """Re-send the task for when it may pass; past the deferral budget, dead-letter it."""
         reason = rejected_reason(error)
         if task.request.called_directly:
@@ -262,7 +185,7 @@ class Guard:
         return task.reschedule(countdown, reason=f"deferred: {reason}", deferral=True)
 
     def _failed(
-        self, task: ResilientTask, exc: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self, task: GuardedTask, exc: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
         attempt = task.header(ATTEMPT_HEADER, 1)
         decision = self.retry.decide(exc, attempt)
@@ -300,7 +223,7 @@ class Guard:
         raise exc
 
     def _fall_back(
-        self, task: ResilientTask, args: tuple[Any, ...], kwargs: dict[str, Any], why: str
+        self, task: GuardedTask, args: tuple[Any, ...], kwargs: dict[str, Any], why: str
     ) -> Any:
         assert task.fallback is not None
         events.default_emitter.emit(
@@ -316,15 +239,16 @@ class Guard:
         return task.fallback(*args, **kwargs)
 
 
-def _build_guard(task: ResilientTask, settings: Settings) -> Guard:
-    ensure_listeners()
+def build_guard(task: GuardedTask, settings: Settings) -> Guard:
+    """The policies `task` declares, built for this process, and the settings' retry rules."""
+    listeners.ensure()
     r = settings.resilience
-    budget_name = task.budget
+    budget = task.budget if task.budget is not None else task.breaker
     return Guard(
         breaker=policy("breaker", task.breaker) if task.breaker else None,
         bulkhead=policy("bulkhead", task.bulkhead) if task.bulkhead else None,
         service=policy("service", task.service) if task.service else None,
-        budget=policy("budget", budget_name) if budget_name else None,
+        budget=policy("budget", budget) if budget else None,
         retry=RetryPolicy.from_settings(
             max_attempts=r.retry_max_attempts,
             base_delay=r.retry_base_delay,
@@ -336,16 +260,36 @@ def _build_guard(task: ResilientTask, settings: Settings) -> Guard:
     )
 
 
-@functools.cache
-def _guard(task_name: str, pid: int) -> Guard:
-    from workers.app import app
-
-    return _build_guard(app.tasks[task_name], get_settings())
+_guards: dict[tuple[str, int], Guard] = {}
+_guards_lock = threading.Lock()
 
 
-def guard_for(task: ResilientTask) -> Guard:
+def guard_for(task: GuardedTask) -> Guard:
     """The guard of `task` in this process (built on its first run, after fork)."""
-    return _guard(task.name, os.getpid())
+    key = (task.name, os.getpid())
+    found = _guards.get(key)
+    if found is None:
+        with _guards_lock:
+            found = _guards.get(key)
+            if found is None:
+                found = _guards[key] = build_guard(task, get_settings())
+    return found
 
 
-__all__ = ["Guard", "guard_for", "observe_services", "policy"]
+def forget_guards() -> None:
+    """Drop built guards (tests that change settings)."""
+    with _guards_lock:
+        _guards.clear()
+
+
+__all__ = [
+    "ATTEMPT_HEADER",
+    "DEFERRALS_HEADER",
+    "Guard",
+    "GuardedTask",
+    "build_guard",
+    "forget_guards",
+    "guard_for",
+    "jittered",
+    "rejected_reason",
+]

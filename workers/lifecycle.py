@@ -1,9 +1,11 @@
-"""Worker and beat lifecycle: preflight, readiness and heartbeat keys in Redis.
+"""Worker and beat lifecycle: preflight, policy-event listeners, heartbeats in Redis.
 
 A worker that cannot reach Redis at start exits within 10 s with a message
 naming the URL (password hidden), instead of retrying forever in silence.
-Once ready, each worker keeps `bulwark:{worker:<hostname>}:heartbeat` alive
-with a TTL, so the fleet (and the tests) can see which workers are up.
+Once ready, each worker adds its hostname to the workers index and keeps
+`bulwark:{worker:<hostname>}:heartbeat` alive with a TTL, so the fleet
+snapshot (and the tests) can see which workers are up; a worker shutting down
+removes both. Signal handlers are connected by `connect()`.
 """
 
 from __future__ import annotations
@@ -17,18 +19,14 @@ from typing import Any
 
 from celery import signals
 
-from policies import keys
-from workers.embedded import RedisUnavailable, wait_for_redis
-from workers.resources import policy_redis
+from workers import listeners
+from workers.fleet import WORKERS_INDEX, heartbeat_key
+from workers.resources import RedisUnavailable, policy_redis, wait_for_redis
 from workers.settings import SettingsError, get_settings
 
 logger = logging.getLogger(__name__)
 
 _stop = threading.Event()
-
-
-def heartbeat_key(hostname: str) -> str:
-    return keys.key("worker", hostname, "heartbeat")
 
 
 def _preflight() -> None:
@@ -38,41 +36,39 @@ def _preflight() -> None:
         raise SystemExit(f"bulwark: {exc}") from None
     for url in {settings.redis_url, settings.broker}:
         try:
-            wait_for_redis(url, deadline=10.0).close()
+            wait_for_redis(url).close()
         except RedisUnavailable as exc:
             raise SystemExit(f"bulwark: {exc}") from None
 
 
-@signals.worker_init.connect
-def _on_worker_init(**_: Any) -> None:
+def _on_init(**_: Any) -> None:
     _preflight()
+    listeners.ensure()  # before the pool forks: every child inherits the subscriptions
 
 
-@signals.beat_init.connect
-def _on_beat_init(**_: Any) -> None:
-    _preflight()
+def beat_once(hostname: str, queues: list[str], ttl: float) -> None:
+    """Write one heartbeat and (re)add the hostname to the workers index: one round trip."""
+    value = {"hostname": hostname, "pid": os.getpid(), "queues": queues, "at": time.time()}
+    pipe = policy_redis().pipeline(transaction=False)
+    pipe.set(heartbeat_key(hostname), json.dumps(value), px=int(ttl * 1000))
+    pipe.sadd(WORKERS_INDEX, hostname)
+    pipe.execute()
 
 
 def _beat(hostname: str, queues: list[str]) -> None:
     ttl = get_settings().observability.heartbeat_ttl
-    key = heartbeat_key(hostname)
     while not _stop.is_set():
         try:
-            value = {"hostname": hostname, "pid": os.getpid(), "queues": queues, "at": time.time()}
-            policy_redis().set(key, json.dumps(value), px=int(ttl * 1000))
+            beat_once(hostname, queues, ttl)
         except Exception:
             logger.warning("heartbeat write failed for %s", hostname, exc_info=True)
         _stop.wait(ttl / 3)
 
 
-@signals.worker_process_init.connect
 def _on_worker_process_init(**_: Any) -> None:
-    from workers.guard import ensure_listeners
-
-    ensure_listeners()
+    listeners.ensure()  # a pool that does not fork, or a child started by another parent
 
 
-@signals.worker_ready.connect
 def _on_worker_ready(sender: Any = None, **_: Any) -> None:
     hostname = sender.hostname
     queues = sorted(q.name for q in sender.app.amqp.queues.consume_from.values())
@@ -83,12 +79,27 @@ def _on_worker_ready(sender: Any = None, **_: Any) -> None:
     logger.info("worker ready: %s consuming %s", hostname, ",".join(queues))
 
 
-@signals.worker_shutdown.connect
 def _on_worker_shutdown(sender: Any = None, **_: Any) -> None:
     _stop.set()
     hostname = getattr(sender, "hostname", None)
     if hostname:
         try:
-            policy_redis().delete(heartbeat_key(hostname))
+            pipe = policy_redis().pipeline(transaction=False)
+            pipe.delete(heartbeat_key(hostname))
+            pipe.srem(WORKERS_INDEX, hostname)
+            pipe.execute()
         except Exception:
             logger.warning("could not clear heartbeat of %s", hostname, exc_info=True)
+
+
+def connect() -> None:
+    """Connect the lifecycle signal handlers (idempotent)."""
+    for signal, handler in (
+        (signals.worker_init, _on_init),
+        (signals.beat_init, _on_init),
+        (signals.worker_process_init, _on_worker_process_init),
+        (signals.worker_ready, _on_worker_ready),
+        (signals.worker_shutdown, _on_worker_shutdown),
+    ):
+        name = f"bulwark.lifecycle.{handler.__name__}.{signal.name}"
+        signal.connect(handler, weak=False, dispatch_uid=name)

@@ -80,6 +80,14 @@ class PolicyRegistry:
             )
         return found
 
+    def ensure(self, kind: str, name: str) -> Declaration:
+        """The declaration of `kind` `name`, declared with no overrides if there is none."""
+        found = self._declared.get((kind, name))
+        if found is None:
+            self._declare(kind, name, {})
+            found = self._declared[(kind, name)]
+        return found
+
     def build(self, kind: str, name: str, factory: Callable[[Declaration], Any]) -> Any:
         """The policy object of `kind` `name` in this process, built once per process."""
         key = (os.getpid(), kind, name)

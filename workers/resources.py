@@ -1,14 +1,43 @@
-"""Per-process clients built on first use (after fork), never at import."""
+"""Per-process resources, built on first use (after fork), never at import.
+
+Redis clients for the policies and the broker, the dead-letter store, and the
+policy objects of the task catalogue: each built once per process from its
+declaration (`workers.registry`) plus the settings' defaults. Also the
+start-up check every process makes (`wait_for_redis`).
+"""
 
 from __future__ import annotations
 
 import functools
 import os
+import time
+from collections.abc import Callable
+from typing import Any
 
 import redis
 
+from policies.breaker import BreakerConfig, CircuitBreaker, RedisBreakerStore, consecutive_failures
+from policies.budget import BudgetConfig, RedisBudgetStore, RetryBudget
+from policies.bulkhead import Bulkhead, BulkheadConfig
 from policies.deadletter import DeadLetterStore
+from policies.degradation import Degradation, DegradationConfig
+from policies.degradation.store import RedisDegradationStore
+from workers.registry import Declaration, registry
 from workers.settings import get_settings
+
+__all__ = [
+    "RedisUnavailable",
+    "broker_redis",
+    "deadletters",
+    "forget",
+    "policy",
+    "policy_redis",
+    "redact_url",
+    "wait_for_redis",
+]
+
+
+# -- Redis clients -------------------------------------------------------------------------------
 
 
 @functools.cache
@@ -32,6 +61,102 @@ def deadletters() -> DeadLetterStore:
     return DeadLetterStore(policy_redis())
 
 
-def forget_clients() -> None:
-    """Drop cached clients (tests that point the settings elsewhere)."""
+#: Seconds a process waits for Redis at start before it gives up with a clear error: with
+#: Python's and Celery's own start-up, a bad REDIS_URL is reported within 10 s.
+CONNECT_DEADLINE = 6.0
+
+
+class RedisUnavailable(RuntimeError):
+    """Redis could not be reached (or started) within the deadline."""
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced, safe to print."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    user = creds.split(":", 1)[0] if ":" in creds else ""
+    return f"{scheme}://{user}:***@{host}"
+
+
+def wait_for_redis(url: str, deadline: float = CONNECT_DEADLINE) -> redis.Redis:
+    """Return a client once `PING` answers; raise `RedisUnavailable` after `deadline` s."""
+    client = redis.Redis.from_url(url, socket_connect_timeout=1.0, socket_timeout=2.0, retry=None)
+    end = time.monotonic() + deadline
+    last: Exception | None = None
+    while time.monotonic() < end:
+        try:
+            client.ping()
+            return client
+        except redis.RedisError as exc:
+            last = exc
+            time.sleep(0.05)
+    client.close()
+    raise RedisUnavailable(
+        f"cannot reach Redis at {redact_url(url)} within {deadline:g} s: {last}. "
+        "Start Redis there, fix REDIS_URL, or unset it to use an embedded redis-server."
+    )
+
+
+# -- policy objects of the catalogue --------------------------------------------------------------
+
+
+def build_breaker(decl: Declaration) -> CircuitBreaker:
+    r = get_settings().resilience
+    options: dict[str, Any] = {
+        "trip": consecutive_failures(r.breaker_failure_threshold),
+        "open_timeout": r.breaker_timeout,
+        "max_open_timeout": max(r.breaker_timeout, 300.0),
+        "success_threshold": r.breaker_success_threshold,
+        **decl.overrides,
+    }
+    config = BreakerConfig.from_mapping(options)
+    return CircuitBreaker(decl.name, config, RedisBreakerStore(policy_redis()))
+
+
+def build_bulkhead(decl: Declaration) -> Bulkhead:
+    options = {"limit": get_settings().resilience.bulkhead_max_concurrent, **decl.overrides}
+    return Bulkhead(decl.name, policy_redis(), BulkheadConfig.from_mapping(options))
+
+
+def build_service(decl: Declaration) -> Degradation:
+    r = get_settings().resilience
+    options = {
+        "enabled": r.degradation_enabled,
+        "recovery_step": r.degradation_recovery_step,
+        **decl.overrides,
+    }
+    return Degradation(
+        decl.name, RedisDegradationStore(policy_redis()), DegradationConfig(**options)
+    )
+
+
+def build_budget(decl: Declaration) -> RetryBudget:
+    r = get_settings().resilience
+    options = {
+        "ratio": r.retry_budget_ratio,
+        "window": r.retry_budget_window,
+        "min_retries": r.retry_budget_min,
+        **decl.overrides,
+    }
+    return RetryBudget(decl.name, BudgetConfig(**options), store=RedisBudgetStore(policy_redis()))
+
+
+BUILDERS: dict[str, Callable[[Declaration], Any]] = {
+    "breaker": build_breaker,
+    "bulkhead": build_bulkhead,
+    "service": build_service,
+    "budget": build_budget,
+}
+
+
+def policy(kind: str, name: str) -> Any:
+    """The process-wide policy object of `kind` `name` (built on first use, after fork)."""
+    return registry.build(kind, name, BUILDERS[kind])
+
+
+def forget() -> None:
+    """Drop cached clients and built policy objects (tests that point the settings elsewhere)."""
     _client.cache_clear()
+    registry.forget_built()

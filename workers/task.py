@@ -25,7 +25,6 @@ What happens when the job cannot run now or fails:
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
@@ -35,13 +34,12 @@ from celery.exceptions import Retry
 
 from policies import events
 from policies.deadletter import DeadLetter
-from policies.errors import PolicyConfigError, PolicyRejected
+from policies.errors import PolicyConfigError
+from workers.guard import ATTEMPT_HEADER, DEFERRALS_HEADER, guard_for
 from workers.registry import registry
+from workers.resources import deadletters
 
 logger = logging.getLogger(__name__)
-
-DEFERRALS_HEADER = "bulwark_deferrals"
-ATTEMPT_HEADER = "bulwark_attempt"
 #: Seconds before a task whose dead-lettering failed (store unreachable) comes back.
 DEADLETTER_RETRY = 5.0
 
@@ -57,7 +55,8 @@ class ResilientTask(Task):  # type: ignore[misc]
     breaker: str | None = None
     bulkhead: str | None = None
     service: str | None = None
-    #: Retry budget name; defaults to the breaker's name (one budget per dependency).
+    #: Retry budget name; defaults to the breaker's name (one budget per dependency,
+    #: declared with the settings' defaults if the catalogue declares none).
     budget: str | None = None
     #: Called with the task's arguments when the service refuses the call or a
     #: failure is classified "degraded"; its return value becomes the result.
@@ -86,6 +85,8 @@ class ResilientTask(Task):  # type: ignore[misc]
             name = options.get(kind)
             if name is not None:
                 registry.require(kind, name)
+        if options.get("budget") is None and options.get("breaker") is not None:
+            registry.ensure("budget", options["breaker"])
         fallback = options.get("fallback")
         if fallback is not None and not callable(fallback):
             raise PolicyConfigError(f"fallback must be callable, got {fallback!r}")
@@ -94,8 +95,6 @@ class ResilientTask(Task):  # type: ignore[misc]
             raise PolicyConfigError(f"defer_max must be an int >= 0, got {defer_max!r}")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        from workers.guard import guard_for
-
         return guard_for(self).run(self, args, kwargs)
 
     # -- rescheduling, shared by deferral and retry ---------------------------------------
@@ -142,8 +141,6 @@ class ResilientTask(Task):  # type: ignore[misc]
             ) from exc
 
     def _store_dead_letter(self, reason: str, error: BaseException | None) -> DeadLetter:
-        from workers.resources import deadletters
-
         request = self.request
         letter = deadletters().add(
             DeadLetter(
@@ -167,13 +164,3 @@ class ResilientTask(Task):  # type: ignore[misc]
             )
         )
         return letter
-
-
-def jittered(seconds: float, cap: float) -> float:
-    """`seconds` plus up to 10 % (at least 50 ms) of jitter, capped: deferred tasks spread out."""
-    spread = max(0.05, seconds * 0.1)
-    return min(cap, max(0.0, seconds) + random.uniform(0.0, spread))
-
-
-def rejected_reason(error: PolicyRejected) -> str:
-    return f"{error.policy} {error.name!r}: {error.reason}"

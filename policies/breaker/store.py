@@ -17,6 +17,7 @@ import redis
 from policies import keys
 from policies.breaker.config import BreakerConfig
 from policies.clock import Clock
+from policies.index import NameIndex, Reader, raise_error, read_all
 from policies.scripts import Queued, ScriptedRedisStore
 from policies.watch import feed_for
 
@@ -154,6 +155,7 @@ class RedisBreakerStore(ScriptedRedisStore):
 
     def __init__(self, client: redis.Redis, *, clock: Clock | None = None) -> None:
         super().__init__(client, clock=clock)
+        self.index = NameIndex(client, "breaker")
         self._config_args: tuple[BreakerConfig | None, list[str]] = (None, [""] * 9)
 
     def _args(self, op: str, name: str, config: BreakerConfig | None) -> list[str]:
@@ -167,6 +169,7 @@ class RedisBreakerStore(ScriptedRedisStore):
         return self._scripts[SCRIPT](keys=_keys(name)[0], args=args)
 
     def acquire(self, name: str, config: BreakerConfig, permit_id: str) -> Reply:
+        self.index.add(name)
         return Reply.parse(self._run(name, [*self._args("acquire", name, config), permit_id]))
 
     def record_args(
@@ -189,6 +192,7 @@ class RedisBreakerStore(ScriptedRedisStore):
     ) -> Queued:
         """Queue the record step on `pipe` (a bare EVALSHA); `Reply.parse` its `reply()`."""
         args = self.record_args(name, config, permit, failed)
+        self.index.queue_add(pipe, name)
         return self._scripts.queue(pipe, SCRIPT, _keys(name)[0], args)
 
     def release(self, name: str, config: BreakerConfig, permit: Permit) -> Reply:
@@ -197,11 +201,21 @@ class RedisBreakerStore(ScriptedRedisStore):
     def command(self, name: str, config: BreakerConfig, op: str) -> Reply:
         if op not in COMMANDS:
             raise ValueError(f"unknown breaker command {op!r}")
+        self.index.add(name)
         return Reply.parse(self._run(name, self._args(op, name, config)))
 
     def snapshot(self, name: str, config: BreakerConfig | None) -> BreakerSnapshot:
         raw = self._run(name, self._args("snapshot", name, config))
         return BreakerSnapshot.parse(name, raw, self.source)
+
+    def queue_snapshot(self, pipe: redis.client.Pipeline, name: str) -> Reader[BreakerSnapshot]:
+        """Queue a snapshot of `name` on `pipe`; the returned reader parses its reply."""
+        queued = self._scripts.queue(
+            pipe, SCRIPT, _keys(name)[0], self._args("snapshot", name, None)
+        )
+        return lambda results: BreakerSnapshot.parse(
+            name, raise_error(queued.reply(results)), self.source
+        )
 
     def watch(self, name: str, callback: Callable[[bytes | None], None]) -> None:
         feed_for(self.client).watch(_keys(name)[1], callback)
@@ -211,10 +225,5 @@ class RedisBreakerStore(ScriptedRedisStore):
 
 
 def list_breakers(client: redis.Redis) -> list[BreakerSnapshot]:
-    """A snapshot of every breaker that has state in Redis, sorted by name."""
-    store = RedisBreakerStore(client)
-    names = {
-        keys.name_of(k.decode() if isinstance(k, bytes) else k)
-        for k in client.scan_iter(match=keys.pattern("breaker", "state"), count=500)
-    }
-    return [store.snapshot(name, None) for name in sorted(names)]
+    """A snapshot of every breaker that has state in Redis, sorted by name (two round trips)."""
+    return read_all(client, "breaker", RedisBreakerStore(client).queue_snapshot)

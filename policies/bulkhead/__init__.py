@@ -11,6 +11,7 @@ from policies.bulkhead.policy import (
     Lease,
     PendingRelease,
     list_bulkheads,
+    queue_snapshot,
 )
 
 __all__ = [
@@ -20,4 +21,5 @@ __all__ = [
     "Lease",
     "PendingRelease",
     "list_bulkheads",
+    "queue_snapshot",
 ]

@@ -18,6 +18,7 @@ to the store it was taken from: a local lease is released locally.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import logging
@@ -42,6 +43,7 @@ from policies.bulkhead.store import (
     StoreState,
 )
 from policies.errors import BulkheadFull, PolicyConfigError
+from policies.index import Reader, read_all
 from policies.outage import STORE_ERRORS, Outage
 from policies.scripts import Queued
 
@@ -52,6 +54,7 @@ __all__ = [
     "Lease",
     "PendingRelease",
     "list_bulkheads",
+    "queue_snapshot",
 ]
 
 logger = logging.getLogger(__name__)
@@ -127,15 +130,26 @@ class BulkheadSnapshot:
         )
 
 
+def queue_snapshot(
+    store: RedisBulkheadStore, pipe: redis.client.Pipeline, name: str
+) -> Reader[BulkheadSnapshot | None]:
+    """Queue a read of bulkhead `name` on `pipe`; the reader gives None if it has no limit yet."""
+    read = store.queue_state(pipe, name)
+
+    def snapshot(results: Sequence[Any]) -> BulkheadSnapshot | None:
+        state = read(results)
+        if state.limit is None:
+            return None
+        return BulkheadSnapshot.of(name, state.limit, state, local=False)
+
+    return snapshot
+
+
 def list_bulkheads(client: redis.Redis) -> list[BulkheadSnapshot]:
     """Every bulkhead that has been acquired on this Redis, with its stored limit (for status)."""
     store = RedisBulkheadStore(client)
-    found = []
-    for name in store.names():
-        state = store.state(name)
-        if state.limit is not None:
-            found.append(BulkheadSnapshot.of(name, state.limit, state, local=False))
-    return found
+    found = read_all(client, "bulkhead", functools.partial(queue_snapshot, store))
+    return [b for b in found if b is not None]
 
 
 class Lease:

@@ -27,6 +27,7 @@ import redis
 
 from policies import clock as clocks
 from policies import keys
+from policies.index import NameIndex, Reader, raise_error
 from policies.scripts import Queued, Scripts
 from policies.watch import feed_for
 
@@ -206,8 +207,10 @@ class RedisBulkheadStore:
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
         self._scripts = Scripts(client)
+        self.index = NameIndex(client, "bulkhead")
 
     def acquire(self, name: str, holder: str, limit: int, ttl: float) -> Outcome:
+        self.index.add(name)
         granted, in_use, wait = self._scripts["bulkhead_acquire"](
             keys=_keys(name).all, args=[holder, limit, repr(ttl)]
         )
@@ -242,18 +245,27 @@ class RedisBulkheadStore:
 
     def state(self, name: str) -> StoreState:
         k = _keys(name)
-        raw = self._scripts["bulkhead_snapshot"](keys=(k.leases, k.meta), args=[])
-        limit = int(raw[0]) if raw[0] else None
-        pairs = raw[1:]
-        holders = {_text(pairs[i]): float(pairs[i + 1]) for i in range(0, len(pairs), 2)}
-        return StoreState(limit, holders)
+        return _state(self._scripts["bulkhead_snapshot"](keys=(k.leases, k.meta), args=[]))
+
+    def queue_state(self, pipe: redis.client.Pipeline, name: str) -> Reader[StoreState]:
+        """Queue a read of `name` on `pipe`; the returned reader parses its reply."""
+        k = _keys(name)
+        queued = self._scripts.queue(pipe, "bulkhead_snapshot", (k.leases, k.meta), [])
+        return lambda results: _state(raise_error(queued.reply(results)))
 
     def names(self) -> list[str]:
-        found = self.client.scan_iter(match=keys.pattern("bulkhead", "meta"), count=500)
-        return sorted({keys.name_of(_text(k)) for k in found})
+        return self.index.names()
 
     def on_release(self, name: str, wake: Wake) -> None:
         feed_for(self.client).watch(_keys(name).channel, lambda _payload: wake())
+
+
+def _state(raw: list[Any]) -> StoreState:
+    limit = int(raw[0]) if raw[0] else None
+    pairs = raw[1:]
+    return StoreState(
+        limit, {_text(pairs[i]): float(pairs[i + 1]) for i in range(0, len(pairs), 2)}
+    )
 
 
 def _text(value: bytes | str) -> str:

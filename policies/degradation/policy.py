@@ -50,6 +50,7 @@ from policies.degradation.store import (
     ServiceState,
 )
 from policies.errors import ServiceDegraded
+from policies.index import read_all
 from policies.outage import Outage
 from policies.retry import require, require_int, require_seconds
 
@@ -345,9 +346,4 @@ class Degradation:
 
 def list_services(client: redis.Redis) -> list[ServiceState]:
     """A snapshot of every service with a degradation state in Redis, sorted by name."""
-    store = RedisDegradationStore(client)
-    names = {
-        keys.name_of(k.decode() if isinstance(k, bytes) else k)
-        for k in client.scan_iter(match=keys.pattern(POLICY, "state"), count=500)
-    }
-    return [store.step(name, "snapshot") for name in sorted(names)]
+    return read_all(client, POLICY, RedisDegradationStore(client).queue_snapshot)

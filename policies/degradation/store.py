@@ -26,8 +26,11 @@ from dataclasses import dataclass, replace
 from enum import IntEnum
 from typing import Any, Literal, Protocol
 
+import redis
+
 from policies import keys
 from policies.clock import Clock, monotonic
+from policies.index import NameIndex, Reader, raise_error
 from policies.scripts import ScriptedRedisStore
 from policies.watch import feed_for
 
@@ -282,6 +285,23 @@ def _keys(service: str) -> tuple[tuple[str, str], str]:
 class RedisDegradationStore(ScriptedRedisStore):
     """Levels shared by the fleet through Redis (degradation_step.lua; `clock`: tests only)."""
 
+    def __init__(self, client: redis.Redis, *, clock: Clock | None = None) -> None:
+        super().__init__(client, clock=clock)
+        self.index = NameIndex(client, POLICY)
+
+    def _args(
+        self, service: str, op: Op, level: Level, reason: str, recovery_step: float, history: int
+    ) -> list[Any]:
+        return [
+            op,
+            _keys(service)[1],
+            self._now(),
+            int(level),
+            reason,
+            repr(float(recovery_step)),
+            history,
+        ]
+
     def step(
         self,
         service: str,
@@ -292,19 +312,21 @@ class RedisDegradationStore(ScriptedRedisStore):
         recovery_step: float = 0.0,
         history: int = 10,
     ) -> ServiceState:
+        if op != "snapshot":
+            self.index.add(service)
         raw = self._scripts["degradation_step"](
             keys=_keys(service)[0],
-            args=[
-                op,
-                _keys(service)[1],
-                self._now(),
-                int(level),
-                reason,
-                repr(float(recovery_step)),
-                history,
-            ],
+            args=self._args(service, op, level, reason, recovery_step, history),
         )
         return ServiceState.parse(service, raw, self.source)
+
+    def queue_snapshot(self, pipe: redis.client.Pipeline, service: str) -> Reader[ServiceState]:
+        """Queue a snapshot of `service` on `pipe`; the returned reader parses its reply."""
+        args = self._args(service, "snapshot", Level.full, "", 0.0, 10)
+        queued = self._scripts.queue(pipe, "degradation_step", _keys(service)[0], args)
+        return lambda results: ServiceState.parse(
+            service, raise_error(queued.reply(results)), self.source
+        )
 
     def watch(self, service: str, callback: Callback) -> None:
         feed_for(self.client).watch(_keys(service)[1], callback)

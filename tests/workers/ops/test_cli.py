@@ -1,0 +1,143 @@
+"""The `bulwark` command on a real fleet: what it shows, and that what it changes, the
+workers obey."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+
+import pytest
+import redis
+
+from policies.deadletter import DeadLetterStore
+from tasks.dependencies import dependency
+from tests.conftest import StartWorker
+from tests.kit import ROOT, poll
+from workers.client import client
+from workers.fleet import WORKERS_INDEX, heartbeat_key, read_fleet
+from workers.ops.cli import main as bulwark
+from workers.ops.supervisor import proc
+from workers.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+FAST = {
+    "BULWARK_RETRY_BASE_DELAY": "0.05",
+    "BULWARK_RETRY_MAX_DELAY": "0.2",
+    "BULWARK_DEFER_MAX_DELAY": "0.5",
+}
+
+
+def cli(*args: str) -> tuple[int, str]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = bulwark(list(args))
+    return code, out.getvalue()
+
+
+class TestStatus:
+    """`bulwark status` shows the fleet a real worker makes, as text and JSON."""
+
+    def test_status_of_a_running_fleet(self, r: redis.Redis, start_worker: StartWorker) -> None:
+        start_worker(["payments"], name="payments", env=FAST)
+        assert client().send_task("payments.charge", args=["o1", 100]).get(timeout=30)
+        code, text = cli("status")
+        assert code == 0
+        lines = text.splitlines()
+        assert "QUEUES" in lines and "BREAKERS" in lines and "WORKERS" in lines
+        worker_row = next(line for line in lines if "payments@test" in line)
+        assert worker_row.split()[1] == "payments"
+        breaker_row = next(line for line in lines if line.split()[:2] == ["payments", "closed"])
+        assert breaker_row
+        assert lines[-1] == "DEAD LETTERS  0 kept (0 ever)"
+        code, raw = cli("status", "--json")
+        data = json.loads(raw)
+        assert [b["name"] for b in data["breakers"]] == ["payments"]
+        assert [b["limit"] for b in data["bulkheads"]] == [4]
+        assert [w["hostname"] for w in data["workers"]] == ["payments@test"]
+
+
+class TestBreakerCommands:
+    """Each breaker command changes the fleet-wide state, and the workers act on it."""
+
+    def test_open_metrics_only_disable_and_close(
+        self, r: redis.Redis, start_worker: StartWorker
+    ) -> None:
+        start_worker(["payments"], name="payments", env=FAST)
+        app = client()
+        gateway = dependency("payments")
+
+        def state() -> str:
+            (b,) = [b for b in read_fleet(r, r, []).breakers if b.name == "payments"]
+            return b.state
+
+        assert cli("breaker", "open", "payments") == (0, "breaker payments: forced_open\n")
+        assert state() == "forced_open"
+        refused = app.send_task("payments.charge", args=["o-refused", 100])
+        poll(lambda: refused.state == "RETRY", what="the task deferred by the open breaker")
+        assert gateway.calls() == 0
+
+        assert cli("breaker", "metrics-only", "payments")[1] == "breaker payments: metrics_only\n"
+        assert refused.get(timeout=30)["order_id"] == "o-refused", "admitted again"
+        gateway.set_outage(60)
+        for i in range(5):  # 15 failed calls are recorded; the breaker never refuses
+            with pytest.raises(ConnectionError):
+                app.send_task("payments.charge", args=[f"o-f{i}", 100]).get(timeout=30)
+        assert state() == "metrics_only"
+        gateway.set_outage(0)
+
+        assert cli("breaker", "disable", "payments")[1] == "breaker payments: disabled\n"
+        assert app.send_task("payments.charge", args=["o-d", 100]).get(timeout=30)
+        assert state() == "disabled"
+
+        assert cli("breaker", "close", "payments")[1] == "breaker payments: closed\n"
+        assert state() == "closed"
+        assert cli("breaker", "reset", "payments")[1] == "breaker payments: closed\n"
+
+
+class TestDeadLetterList:
+    """`bulwark deadletter list` shows what was kept, newest first, with its reason."""
+
+    def test_list_text_and_json(self, r: redis.Redis, start_worker: StartWorker) -> None:
+        start_worker(["payments"], name="payments", env=FAST)
+        app = client()
+        for order in ("o-1", "o-2"):
+            with pytest.raises(ValueError):
+                app.send_task("payments.charge", args=[order, 0]).get(timeout=30)
+        code, text = cli("deadletter", "list")
+        lines = text.splitlines()
+        assert code == 0 and lines[0] == "2 dead-lettered (2 ever)"
+        assert all("payments.charge" in line and "permanent" in line for line in lines[1:])
+        code, raw = cli("deadletter", "list", "--json", "--limit", "1")
+        (newest,) = json.loads(raw)
+        assert newest["args"] == ["o-2", 0]
+        assert DeadLetterStore(r).count() == 2
+
+
+class TestHeartbeat:
+    """A worker that stops says goodbye: its heartbeat and its index entry go."""
+
+    def test_removed_at_shutdown(self, r: redis.Redis, start_worker: StartWorker) -> None:
+        worker = start_worker(["default"], name="leaving")
+        assert r.exists(heartbeat_key(worker.hostname))
+        assert r.sismember(WORKERS_INDEX, worker.hostname)
+        assert worker.stop() == 0
+        assert not r.exists(heartbeat_key(worker.hostname))
+        assert not r.sismember(WORKERS_INDEX, worker.hostname)
+
+
+class TestProcFlower:
+    """Flower never runs without basic auth: `bulwark proc flower` refuses, naming the fix."""
+
+    def test_refused_without_a_password(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.delenv("FLOWER_BASIC_AUTH", raising=False)
+
+        def never(*args: object) -> None:
+            raise AssertionError(f"Flower was started: {args}")
+
+        monkeypatch.setattr(os, "execvpe", never)
+        with pytest.raises(SystemExit) as refused:
+            proc(Settings.from_env({}), ROOT / "Procfile", "flower")
+        assert "set BULWARK_FLOWER_PASSWORD (or FLOWER_BASIC_AUTH)" in str(refused.value)

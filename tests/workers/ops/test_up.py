@@ -1,0 +1,146 @@
+"""`bulwark up`: the whole Procfile on an embedded Redis, tasks visible in Flower, clean stop."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.kit import ROOT, child_env, poll
+
+pytestmark = pytest.mark.integration
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http_get(url: str, auth: tuple[str, str] | None = None) -> tuple[int, bytes]:
+    request = urllib.request.Request(url)
+    if auth:
+        token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, b""
+    except OSError:
+        return 0, b""
+
+
+def session_members(sessions: set[int]) -> list[int]:
+    """Pids of live, non-zombie processes in any of the given sessions."""
+    alive = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        state, sid = fields[0], int(fields[3])
+        if sid in sessions and state != "Z":
+            alive.append(int(entry.name))
+    return alive
+
+
+class TestUp:
+    """`bulwark up` starts the fleet, tasks flow into Flower, Ctrl-C stops everything."""
+
+    def test_fleet_runs_and_stops_cleanly(self, tmp_path: Path) -> None:
+        port = free_port()
+        env = child_env("", {"BULWARK_FLOWER_PORT": str(port), "TMPDIR": str(tmp_path)})
+        env.pop("REDIS_URL")
+        log = (tmp_path / "up.log").open("w+")
+        up = subprocess.Popen(
+            [sys.executable, "-m", "workers.ops.cli", "up"],
+            env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+
+        def output() -> str:
+            return (tmp_path / "up.log").read_text()
+
+        try:
+            banner = poll(
+                lambda: re.search(r"user (\S+)\s+password (\S+)", output()),
+                deadline=30,
+                what="the banner with Flower credentials",
+            )
+            auth = (banner.group(1), banner.group(2))
+            redis_port = int(re.search(r"redis://127\.0\.0\.1:(\d+)", output()).group(1))
+            assert redis_port != 6379
+
+            def succeeded_in_flower() -> set[str]:
+                status, body = http_get(
+                    f"http://127.0.0.1:{port}/api/tasks?state=SUCCESS&limit=50", auth=auth
+                )
+                if status != 200:
+                    return set()
+                return {t["name"] for t in json.loads(body).values()}
+
+            wanted = {"payments.charge", "inventory.reserve", "notifications.send"}
+            poll(
+                lambda: wanted <= succeeded_in_flower(),
+                deadline=60,
+                every=0.5,
+                what="demo tasks of every bulkhead queue succeeding in Flower",
+            )
+            # Basic auth is on: no credentials, no data.
+            assert http_get(f"http://127.0.0.1:{port}/api/tasks", auth=None)[0] == 401
+            assert http_get(f"http://127.0.0.1:{port}/api/tasks", auth=(auth[0], "wrong"))[0] == 401
+            children = {int(p) for p in re.findall(r"started \(pid=(\d+)\)", output())}
+            assert len(children) == 6, output()
+        finally:
+            os.kill(up.pid, signal.SIGINT)
+            started = time.monotonic()
+            code = up.wait(timeout=30)
+            stopped_in = time.monotonic() - started
+        assert stopped_in < 10, f"stop took {stopped_in:.1f} s"
+        assert code in (0, 130), output()
+        assert session_members(children | {up.pid}) == []
+        leftovers = [p.name for p in tmp_path.iterdir() if p.name != "up.log"]
+        assert leftovers == [], "temporary folders are removed"
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", redis_port)) != 0, "embedded redis is stopped"
+
+
+class TestUnreachableRedis:
+    """An unreachable REDIS_URL fails within 10 s with a message naming it."""
+
+    @pytest.mark.parametrize(
+        "command",
+        [
+            ["-m", "workers.ops.cli", "up"],
+            ["-m", "celery", "-A", "workers.app", "worker", "-Q", "default"],
+        ],
+        ids=["bulwark-up", "celery-worker"],
+    )
+    def test_clear_error_not_a_hang(self, command: list[str]) -> None:
+        port = free_port()  # nothing listens there
+        url = f"redis://:hunter2@127.0.0.1:{port}/0"
+        started = time.monotonic()
+        done = subprocess.run(
+            [sys.executable, *command], env=child_env(url), cwd=ROOT,
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        elapsed = time.monotonic() - started
+        message = done.stdout + done.stderr
+        assert done.returncode != 0
+        assert f"cannot reach Redis at redis://:***@127.0.0.1:{port}/0" in message
+        assert "hunter2" not in message, "the password is never printed"
+        assert elapsed < 10, f"took {elapsed:.1f} s"

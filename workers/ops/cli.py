@@ -1,0 +1,121 @@
+"""The `bulwark` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from policies.errors import PolicyConfigError
+from workers.app import app
+from workers.ops import alerts, deadletters, status
+from workers.ops.status import FleetUnreadable
+from workers.ops.supervisor import proc, up
+from workers.resources import RedisUnavailable, policy
+from workers.settings import SettingsError, describe, get_settings
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    return up(get_settings(), Path(args.procfile), only=args.only, without=args.without)
+
+
+def _cmd_proc(args: argparse.Namespace) -> int:
+    proc(get_settings(), Path(args.procfile), args.name)
+    return 0  # not reached: proc() replaces this process
+
+
+def _cmd_settings(args: argparse.Namespace) -> int:
+    rows = list(describe())
+    if args.markdown:
+        print("| group | variable | default | accepts | meaning |")
+        print("|---|---|---|---|---|")
+        for row in rows:
+            print("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |")
+        return 0
+    get_settings()  # validate the current environment
+    for group, env, default, _accepts, doc in rows:
+        print(f"{group:14} {env:38} {default:24} {doc}")
+    return 0
+
+
+def _load_catalogue() -> None:
+    """Import the task modules, so declared policies (and their overrides) are known."""
+    app.loader.import_default_modules()
+
+
+BREAKER_ACTIONS = {
+    "open": "force_open",
+    "close": "reset",
+    "reset": "reset",
+    "disable": "disable",
+    "metrics-only": "metrics_only",
+}
+
+
+def _cmd_breaker(args: argparse.Namespace) -> int:
+    _load_catalogue()
+    breaker = policy("breaker", args.name)
+    state = getattr(breaker, BREAKER_ACTIONS[args.action])()
+    print(f"breaker {args.name}: {state}")
+    return 0
+
+
+def _cmd_degrade(args: argparse.Namespace) -> int:
+    _load_catalogue()
+    service = policy("service", args.service)
+    state = service.set_level(args.level, args.reason)
+    print(f"service {args.service}: {state.from_level} -> {state.level} ({state.reason})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bulwark", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser(
+        "up", help="start the fleet of the Procfile (embedded Redis if no REDIS_URL)"
+    )
+    p.add_argument("--procfile", default="Procfile")
+    p.add_argument("--only", action="append", default=[], metavar="PROCESS")
+    p.add_argument("--without", action="append", default=[], metavar="PROCESS")
+    p.set_defaults(func=_cmd_up)
+
+    p = sub.add_parser("proc", help="run one Procfile entry in the foreground (for containers)")
+    p.add_argument("name", metavar="PROCESS")
+    p.add_argument("--procfile", default="Procfile")
+    p.set_defaults(func=_cmd_proc)
+
+    p = sub.add_parser("settings", help="list every setting, its variable and default")
+    p.add_argument("--markdown", action="store_true")
+    p.set_defaults(func=_cmd_settings)
+
+    status.register(sub)
+
+    p = sub.add_parser("breaker", help="operate a circuit breaker (fleet-wide)")
+    p.add_argument("action", choices=sorted(BREAKER_ACTIONS))
+    p.add_argument("name")
+    p.set_defaults(func=_cmd_breaker)
+
+    p = sub.add_parser("degrade", help="set a service's degradation level (fleet-wide)")
+    p.add_argument("service")
+    p.add_argument("level", choices=["full", "degraded", "minimal", "offline"])
+    p.add_argument("--reason", default="set by operator")
+    p.set_defaults(func=_cmd_degrade)
+
+    alerts.register(sub)
+    deadletters.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (SettingsError, RedisUnavailable, PolicyConfigError, FleetUnreadable) as exc:
+        print(f"bulwark: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""`bulwark deadletter list|replay`: what could not run, and sending it again."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from policies.deadletter import DeadLetterStore
+from workers.app import app
+from workers.resources import deadletters
+
+
+def replay(store: DeadLetterStore, letter_id: str) -> tuple[bool, str]:
+    """Re-send one dead letter, by name, to its queue, and remove it; (ok, message)."""
+    letter = store.get(letter_id)
+    if letter is None:
+        return False, f"{letter_id}: no such dead letter"
+    if not letter.replayable:
+        return False, (
+            f"{letter_id}: not replayable: the message was refused before decoding "
+            f"({letter.reason}); inspect it with `bulwark deadletter list --json`"
+        )
+    result = app.send_task(
+        letter.task_name,
+        args=letter.args,
+        kwargs=letter.kwargs,
+        queue=letter.queue or None,
+        headers={"bulwark_replayed_from": letter.id},
+    )
+    store.remove(letter.id)
+    return True, f"{letter_id}: replayed {letter.task_name} as task {result.id}"
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    store = deadletters()
+    letters = store.latest(args.limit)
+    if args.json:
+        print(json.dumps([json.loads(letter.to_json()) for letter in letters], indent=2))
+        return 0
+    print(f"{store.count()} dead-lettered ({store.total()} ever)")
+    for letter in letters:
+        print(f"{letter.id}  {letter.task_name:24} {letter.queue or '-':14} {letter.reason}")
+    return 0
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    store = deadletters()
+    failures = 0
+    for letter_id in args.ids:
+        ok, message = replay(store, letter_id)
+        print(message)
+        failures += not ok
+    return 1 if failures else 0
+
+
+def register(sub: Any) -> None:
+    """Add `bulwark deadletter list|replay` to the command's subparsers."""
+    p = sub.add_parser("deadletter", help="list or replay dead-lettered tasks")
+    dsub = p.add_subparsers(dest="action", required=True)
+    d = dsub.add_parser("list", help="the newest dead letters and why they are here")
+    d.add_argument("--limit", type=int, default=50)
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=_cmd_list)
+    d = dsub.add_parser("replay", help="send dead letters again, by name, to their queue")
+    d.add_argument("ids", nargs="+", metavar="ID")
+    d.set_defaults(func=_cmd_replay)

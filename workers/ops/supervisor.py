@@ -1,0 +1,156 @@
+"""`bulwark up`: run the processes of the Procfile with honcho, on an embedded Redis if needed.
+
+Ctrl-C (or SIGTERM) reaches this supervisor only (every child runs in its own
+session); honcho sends SIGTERM to each child's process group, SIGKILL after
+5 s, and the embedded Redis stops last, its folder removed.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from honcho.environ import parse_procfile
+from honcho.manager import Manager
+
+from workers.ops.embedded import EmbeddedRedis
+from workers.resources import redact_url, wait_for_redis
+from workers.settings import Settings
+
+
+@dataclass(frozen=True, slots=True)
+class Fleet:
+    """What `bulwark up` will run, resolved before anything starts."""
+
+    processes: dict[str, str]
+    env: dict[str, str]
+    flower_user: str
+    flower_password: str
+    flower_password_generated: bool
+
+
+def read_procfile(path: Path) -> dict[str, str]:
+    procfile = parse_procfile(path.read_text("utf-8"))
+    return dict(procfile.processes)
+
+
+def select(
+    processes: Mapping[str, str], only: Iterable[str], without: Iterable[str]
+) -> dict[str, str]:
+    only, without = list(only), list(without)
+    unknown = sorted((set(only) | set(without)) - set(processes))
+    if unknown:
+        raise SystemExit(
+            f"bulwark up: unknown process {', '.join(unknown)}; the Procfile has "
+            + ", ".join(processes)
+        )
+    return {n: c for n, c in processes.items() if (not only or n in only) and n not in without}
+
+
+def proc(settings: Settings, procfile: Path, name: str) -> None:
+    """Replace this process with one Procfile entry (what docker-compose runs)."""
+    command = select(read_procfile(procfile), [name], [])[name]
+    env = dict(os.environ)
+    if "FLOWER_BASIC_AUTH" not in env:
+        password = settings.security.flower_password
+        if name == "flower" and password is None:
+            raise SystemExit(
+                "bulwark proc flower: set BULWARK_FLOWER_PASSWORD (or FLOWER_BASIC_AUTH); "
+                "Flower never runs without basic auth"
+            )
+        if password is not None:
+            env["FLOWER_BASIC_AUTH"] = f"{settings.security.flower_user}:{password}"
+    os.execvpe("/bin/sh", ["/bin/sh", "-c", f"exec {command}"], env)
+
+
+def plan(
+    settings: Settings,
+    procfile: Path,
+    *,
+    only: Iterable[str] = (),
+    without: Iterable[str] = (),
+    environ: Mapping[str, str] | None = None,
+) -> Fleet:
+    env = dict(os.environ if environ is None else environ)
+    security = settings.security
+    password = security.flower_password
+    generated = password is None
+    if password is None:
+        password = secrets.token_urlsafe(12)
+    bindir = str(Path(sys.executable).parent)
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    env["PYTHONUNBUFFERED"] = "1"
+    env["FLOWER_BASIC_AUTH"] = f"{security.flower_user}:{password}"
+    env.setdefault("PYTHONPATH", str(procfile.resolve().parent))
+    return Fleet(
+        processes=select(read_procfile(procfile), only, without),
+        env=env,
+        flower_user=security.flower_user,
+        flower_password=password,
+        flower_password_generated=generated,
+    )
+
+
+def banner(fleet: Fleet, redis_url: str, embedded: bool, flower_port: int) -> str:
+    where = "embedded redis-server" if embedded else "REDIS_URL"
+    lines = [
+        "",
+        "Bulwark fleet starting: " + ", ".join(fleet.processes),
+        f"  Redis     {redact_url(redis_url)}  ({where})",
+    ]
+    if "flower" in fleet.processes:
+        shown = (
+            fleet.flower_password
+            if fleet.flower_password_generated
+            else "(BULWARK_FLOWER_PASSWORD)"
+        )
+        url = f"http://127.0.0.1:{flower_port}/"
+        lines.append(f"  Flower    {url}  user {fleet.flower_user}  password {shown}")
+    lines += [
+        f"  Status    REDIS_URL={redact_url(redis_url)} bulwark status",
+        f"  Dead      REDIS_URL={redact_url(redis_url)} bulwark deadletter list",
+        "  Stop      Ctrl-C",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def up(
+    settings: Settings,
+    procfile: Path,
+    *,
+    only: Iterable[str] = (),
+    without: Iterable[str] = (),
+) -> int:
+    embedded: EmbeddedRedis | None = None
+    state_dir = Path(tempfile.mkdtemp(prefix="bulwark-state-"))
+    try:
+        redis_url = os.environ.get("REDIS_URL", "")
+        if redis_url:
+            wait_for_redis(redis_url).close()
+        else:
+            embedded = EmbeddedRedis().start()
+            redis_url = embedded.url
+        fleet = plan(settings, procfile, only=only, without=without)
+        fleet.env["REDIS_URL"] = redis_url
+        fleet.env["BULWARK_STATE_DIR"] = str(state_dir)
+        fleet.env.setdefault("BULWARK_METRICS_DIR", str(state_dir / "metrics"))
+        print(
+            banner(fleet, redis_url, embedded is not None, settings.security.flower_port),
+            flush=True,
+        )
+        manager = Manager()
+        for name, cmd in fleet.processes.items():
+            manager.add_process(name, cmd, env=fleet.env, cwd=str(procfile.resolve().parent))
+        manager.loop()
+        return int(manager.returncode or 0)
+    finally:
+        if embedded is not None:
+            embedded.stop()
+        shutil.rmtree(state_dir, ignore_errors=True)

@@ -1,0 +1,149 @@
+"""Alert rules: small callables over a fleet snapshot, each returning conditions.
+
+A rule is any `Callable[[Observation], Iterable[Condition]]`. An observation
+is a `workers.fleet.FleetSnapshot` plus the dead-letter watermark: plain data,
+so a rule is tested with a hand-made snapshot and no Redis at all.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+from workers.fleet import FleetSnapshot
+from workers.settings import DEADLETTER_QUEUE
+from workers.telemetry.alerts.model import Condition
+
+log = logging.getLogger("bulwark.alerts")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Observation:
+    """What one evaluation looks at: a fleet snapshot, and the dead-letter watermark."""
+
+    fleet: FleetSnapshot
+    #: When the dead-letter total last grew (None: not since alerting began), and by how much.
+    deadletters_grew_at: float | None = None
+    deadletters_grew_by: int = 0
+
+    @property
+    def now(self) -> float:
+        return self.fleet.taken_at
+
+
+Rule = Callable[[Observation], Iterable[Condition]]
+
+
+@dataclass(frozen=True, slots=True)
+class HealthUnhealthy:
+    """A health check reporting `unhealthy` -> critical, one alert per check."""
+
+    def __call__(self, obs: Observation) -> Iterator[Condition]:
+        for check, result in sorted(obs.fleet.health.items()):
+            if result.status == "unhealthy":
+                yield Condition(
+                    name="HealthCheckUnhealthy",
+                    service=check,
+                    severity="critical",
+                    message=f"health check {check} is unhealthy: {result.message}",
+                    labels={"check": check},
+                )
+
+
+@dataclass(frozen=True, slots=True)
+class HealthStale:
+    """No health-check run for `max_age` seconds -> warning (the checks themselves stopped)."""
+
+    max_age: float
+
+    def __call__(self, obs: Observation) -> Iterator[Condition]:
+        last = obs.fleet.health_last_run
+        if last is not None and obs.now - last > self.max_age:
+            yield Condition(
+                name="HealthChecksStale",
+                service="bulwark",
+                severity="warning",
+                message=f"no health-check run for {obs.now - last:.0f} s",
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerOpen:
+    """A circuit breaker whose circuit is open (forced or tripped) -> warning."""
+
+    def __call__(self, obs: Observation) -> Iterator[Condition]:
+        for b in obs.fleet.breakers:
+            if b.circuit == "open":
+                yield Condition(
+                    name="BreakerOpen",
+                    service=b.name,
+                    severity="warning",
+                    message=f"circuit breaker {b.name} is {b.state}",
+                    labels={"breaker": b.name},
+                )
+
+
+@dataclass(frozen=True, slots=True)
+class QueueBacklog:
+    """More than `threshold` messages waiting in a queue -> warning."""
+
+    threshold: int
+
+    def __call__(self, obs: Observation) -> Iterator[Condition]:
+        for queue, depth in sorted((q.name, q.ready) for q in obs.fleet.queues):
+            if queue != DEADLETTER_QUEUE and depth > self.threshold:
+                yield Condition(
+                    name="QueueBacklog",
+                    service=queue,
+                    severity="warning",
+                    message=f"{depth} messages waiting in queue {queue} (over {self.threshold})",
+                    labels={"queue": queue},
+                )
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterGrowth:
+    """New dead letters within the last `window` seconds -> warning."""
+
+    window: float
+
+    def __call__(self, obs: Observation) -> Iterator[Condition]:
+        grew = obs.deadletters_grew_at
+        if grew is not None and obs.now - grew < self.window:
+            yield Condition(
+                name="DeadLetterGrowth",
+                service="deadletter",
+                severity="warning",
+                message=(
+                    f"{obs.deadletters_grew_by} new dead letter(s), "
+                    f"{obs.fleet.deadletters_total} ever; see `bulwark deadletter list`"
+                ),
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class Watchdog:
+    """Always fires: a dead-man's switch; the receiver alarms when it STOPS arriving."""
+
+    every: float
+
+    def __call__(self, obs: Observation) -> Iterator[Condition]:
+        yield Condition(
+            name="Watchdog",
+            service="bulwark",
+            severity="info",
+            message="alerting pipeline is alive (this alert always fires)",
+            repeat_interval=self.every,
+        )
+
+
+def run_rules(rules: Iterable[Rule], obs: Observation) -> list[Condition]:
+    """Every rule's conditions; a rule that raises is logged and skipped."""
+    found: list[Condition] = []
+    for rule in rules:
+        try:
+            found.extend(rule(obs))
+        except Exception:
+            log.exception("alert rule %r failed; skipped this evaluation", rule)
+    return found

@@ -1,0 +1,141 @@
+"""The fleet gauges beat serves on its /metrics, from one `workers.fleet` snapshot.
+
+- bulwark_fleet_up: 1 if the last read of Redis worked
+- bulwark_queue_depth{queue}: ready messages, all Redis priority sub-queues
+- bulwark_queue_unacked{queue}: reserved by workers, not acknowledged yet
+  (prefetched, running, or held for a countdown/ETA)
+- bulwark_queue_scheduled{queue}: of those, held for an ETA still ahead
+- bulwark_breaker_state{breaker, state}: 1 for the current state, 0 for the
+  others (closed, half_open, open, forced_open, disabled, metrics_only)
+- bulwark_bulkhead_in_use{bulkhead}, bulwark_bulkhead_limit{bulkhead}
+- bulwark_degradation_level{service}: 0 full, 1 degraded, 2 minimal, 3 offline
+- bulwark_deadletters_kept (now), bulwark_deadletters_total (ever)
+- bulwark_workers: workers with a live heartbeat
+- bulwark_health_status{check}: 0 healthy, 1 degraded, 2 unhealthy;
+  bulwark_health_check_latency_seconds{check}; bulwark_health_last_run_timestamp_seconds
+
+The snapshot is taken when scraped, at most once per `BULWARK_METRICS_INTERVAL`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from workers.fleet import SEVERITY, FleetSnapshot
+
+BREAKER_STATES = ("closed", "half_open", "open", "forced_open", "disabled", "metrics_only")
+
+
+def _gauge(name: str, doc: str, labels: list[str], rows: Iterable[tuple[Any, ...]]) -> Any:
+    family = GaugeMetricFamily(name, doc, labels=labels)
+    for *values, number in rows:
+        family.add_metric([str(v) for v in values], float(number))
+    return family
+
+
+def fleet_families(snap: FleetSnapshot) -> Iterator[Any]:
+    """Metric families for one fleet snapshot."""
+    yield _gauge(
+        "bulwark_fleet_up", "1 if Redis answered the last fleet read", [], [(int(snap.up),)]
+    )
+    if not snap.up:
+        return
+    yield _gauge(
+        "bulwark_queue_depth",
+        "Ready messages, all priorities",
+        ["queue"],
+        ((q.name, q.ready) for q in snap.queues),
+    )
+    yield _gauge(
+        "bulwark_queue_unacked",
+        "Messages reserved by workers, not acknowledged",
+        ["queue"],
+        ((q.name, q.unacked) for q in snap.queues),
+    )
+    yield _gauge(
+        "bulwark_queue_scheduled",
+        "Reserved messages held for an ETA still ahead",
+        ["queue"],
+        ((q.name, q.scheduled) for q in snap.queues),
+    )
+    yield _gauge(
+        "bulwark_breaker_state",
+        "1 for the breaker's current state",
+        ["breaker", "state"],
+        ((b.name, s, int(b.state == s)) for b in snap.breakers for s in BREAKER_STATES),
+    )
+    yield _gauge(
+        "bulwark_bulkhead_in_use",
+        "Leases held",
+        ["bulkhead"],
+        ((b.name, b.in_use) for b in snap.bulkheads),
+    )
+    yield _gauge(
+        "bulwark_bulkhead_limit",
+        "Concurrent calls allowed",
+        ["bulkhead"],
+        ((b.name, b.limit) for b in snap.bulkheads),
+    )
+    yield _gauge(
+        "bulwark_degradation_level",
+        "0 full, 1 degraded, 2 minimal, 3 offline",
+        ["service"],
+        ((s.service, int(s.level)) for s in snap.services),
+    )
+    yield _gauge("bulwark_deadletters_kept", "Dead letters kept", [], [(snap.deadletters_kept,)])
+    total = CounterMetricFamily("bulwark_deadletters", "Dead letters ever", labels=[])
+    total.add_metric([], float(snap.deadletters_total))
+    yield total
+    yield _gauge("bulwark_workers", "Workers with a live heartbeat", [], [(len(snap.workers),)])
+    results = snap.health.values()
+    yield _gauge(
+        "bulwark_health_status",
+        "0 healthy, 1 degraded, 2 unhealthy",
+        ["check"],
+        ((r.check, SEVERITY[r.status]) for r in results),
+    )
+    yield _gauge(
+        "bulwark_health_check_latency_seconds",
+        "How long the check took",
+        ["check"],
+        ((r.check, r.latency_seconds) for r in results),
+    )
+    if snap.health_last_run is not None:
+        yield _gauge(
+            "bulwark_health_last_run_timestamp_seconds",
+            "When health checks last ran",
+            [],
+            [(snap.health_last_run,)],
+        )
+
+
+class FleetCollector:
+    """Fleet gauges from a snapshot taken when scraped, at most once per `interval` seconds."""
+
+    def __init__(self, take: Callable[[], FleetSnapshot], interval: float) -> None:
+        self.take = take
+        self.interval = interval
+        self._lock = threading.Lock()
+        self._at = float("-inf")
+        self._snapshot: FleetSnapshot | None = None
+
+    def snapshot(self) -> FleetSnapshot:
+        with self._lock:
+            if self._snapshot is None or time.monotonic() - self._at >= self.interval:
+                self._snapshot = self.take()
+                self._at = time.monotonic()
+            return self._snapshot
+
+    def collect(self) -> Iterator[Any]:
+        yield from fleet_families(self.snapshot())
+
+    def exposition(self) -> bytes:
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(self)
+        return generate_latest(registry)
