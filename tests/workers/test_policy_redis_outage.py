@@ -7,10 +7,17 @@ from pathlib import Path
 
 import pytest
 import redis
+from celery import Celery
 
 from policies.breaker import list_breakers
+from policies.deadletter import DeadLetterStore
+from tasks.dependencies import dependency
 from tests.kit import Worker, poll
+from tests.workers.telemetry.test_metrics_worker import sample, scrape
+from workers.client import client
 from workers.ops.embedded import EmbeddedRedis
+from workers.settings import Settings
+from workers.telemetry.http import wait_address
 
 pytestmark = pytest.mark.integration
 
@@ -21,6 +28,31 @@ def policy_redis() -> Iterator[EmbeddedRedis]:
     server = EmbeddedRedis().start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def split(
+    redis_url: str, policy_redis: EmbeddedRedis, tmp_path: Path
+) -> Iterator[tuple[Worker, Celery]]:
+    """A payments worker whose policies live on `policy_redis`, and a client for it;
+    the broker and the results stay on the session server."""
+    apart = {"CELERY_BROKER_URL": redis_url, "CELERY_RESULT_BACKEND": redis_url}
+    fast = {
+        "BULWARK_RETRY_BASE_DELAY": "0.05",
+        "BULWARK_RETRY_MAX_DELAY": "0.2",
+        "BULWARK_BREAKER_TIMEOUT": "60",
+        "BULWARK_DEFER_MAX_DELAY": "0.5",
+    }
+    worker = Worker(
+        policy_redis.url,
+        ["payments"],
+        name="payments",
+        env={**apart, **fast},
+        log=tmp_path / "worker.log",
+    ).start()
+    app = client(Settings.from_env({"REDIS_URL": policy_redis.url, **apart}))
+    yield worker, app
+    worker.stop()
 
 
 class TestPolicyRedisOutage:
@@ -69,3 +101,45 @@ class TestPolicyRedisOutage:
             assert "Redis reachable again" in log
         finally:
             worker.stop()
+
+    def test_the_local_breaker_protects_the_dependency(
+        self, r: redis.Redis, policy_redis: EmbeddedRedis, split: tuple[Worker, Celery]
+    ) -> None:
+        worker, app = split
+        assert app.send_task("payments.charge", args=["warm", 100]).get(timeout=30)
+        url = wait_address(redis.Redis.from_url(policy_redis.url), worker.hostname)["url"]
+        policy_redis.kill()
+        gateway = dependency("payments")  # on the broker's Redis, which stays up
+        gateway.set_outage(120)
+        before = gateway.calls()
+        results = [app.send_task("payments.charge", args=[f"o{i}", 100]) for i in range(12)]
+
+        def refusing() -> float:
+            return sample(scrape(url), "bulwark_breaker_rejections_total", breaker="payments")
+
+        poll(lambda: refusing() >= 4, deadline=30, what="the local breakers refusing calls")
+        # Each prefork child trips its own local breaker after 5 consecutive failures:
+        # at most 2 x 5 calls, where 12 tasks x 3 attempts would make 36 without it.
+        assert gateway.calls() - before <= 10
+        assert "local fail-open" in worker.log.read_text()
+        for result in results:
+            result.revoke()
+
+    def test_a_dead_letter_waits_for_its_store(
+        self, r: redis.Redis, policy_redis: EmbeddedRedis, split: tuple[Worker, Celery]
+    ) -> None:
+        worker, app = split
+        policy_redis.kill()
+        bad = app.send_task("payments.charge", args=["o-bad", 0])  # permanent: dead-letter it
+        poll(
+            lambda: "dead-letter store unreachable" in worker.log.read_text(),
+            deadline=30,
+            what="the dead-lettering deferred",
+        )
+        # Not FAILURE: the task is re-sent and waits for its store.
+        poll(lambda: bad.state == "RETRY", what="the task to be re-sent")
+        policy_redis.restart()
+        store = DeadLetterStore(redis.Redis.from_url(policy_redis.url))
+        (letter,) = poll(store.latest, deadline=30, what="the dead letter, once the store is back")
+        assert (letter.task_id, letter.args) == (bad.id, ["o-bad", 0])
+        assert "permanent" in letter.reason

@@ -118,6 +118,24 @@ class TestDeadLetters:
         assert dependency("inventory").calls() == 0
 
 
+class TestRetryBudget:
+    """A spent fleet-wide retry budget stops retries: the task is deferred, not retried."""
+
+    def test_no_budget_no_retry(self, r: redis.Redis, start_worker) -> None:
+        spent = {"BULWARK_RETRY_BUDGET_MIN": "0", "BULWARK_RETRY_BUDGET_RATIO": "0",
+                 "BULWARK_DEFER_MAX": "1"}  # fmt: skip
+        start_worker(["payments"], name="payments", env={**FAST, **spent})
+        gateway = dependency("payments")
+        gateway.set_outage(60)
+        result = client().send_task("payments.charge", args=["o-1", 100])
+        (letter,) = poll(DeadLetterStore(r).latest, deadline=30, what="the dead letter")
+        assert letter.task_id == result.id
+        assert letter.reason.startswith("deferred 1 times, still refused: retry-budget 'payments'")
+        # One call per delivery: the first, and the one after the deferral. With the budget
+        # ignored it would be the three attempts of the retry policy.
+        assert gateway.calls() == 2
+
+
 class TestDegradation:
     """A service set offline answers from the task's fallback; back to full, it runs again."""
 
