@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import redis
@@ -36,6 +36,8 @@ class DeadLetter:
     #: For messages refused before decoding: the raw body (base64) and its type.
     content_type: str | None = None
     raw_body: str | None = None
+    #: The refused message's length in bytes (`raw_body` keeps at most its first 64 KiB).
+    raw_size: int | None = None
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     dead_at: float | None = None
 
@@ -49,8 +51,21 @@ class DeadLetter:
         return json.dumps(data, default=repr)
 
     @classmethod
-    def from_json(cls, raw: str | bytes) -> DeadLetter:
-        return cls(**json.loads(raw))
+    def from_json(cls, raw: str | bytes, dead_at: float | None = None) -> DeadLetter:
+        """Parse a stored entry; one that does not parse is shown as such, never raised."""
+        try:
+            data = json.loads(raw)
+            known = {k: v for k, v in data.items() if k in _FIELDS and k != "dead_at"}
+            return cls(**known, dead_at=dead_at)
+        except (ValueError, TypeError, AttributeError) as exc:
+            return cls(
+                task_name="<unreadable entry>",
+                reason=f"the stored entry does not parse: {exc}",
+                dead_at=dead_at,
+            )
+
+
+_FIELDS = frozenset(f.name for f in fields(DeadLetter))
 
 
 class DeadLetterStore:
@@ -74,16 +89,25 @@ class DeadLetterStore:
         return DeadLetter(**{**asdict(letter), "dead_at": float(now)})
 
     def latest(self, limit: int = 50) -> list[DeadLetter]:
-        """The newest `limit` entries, newest first."""
-        ids: list[bytes] = self._client.zrevrange(self._index, 0, limit - 1)  # type: ignore[assignment]
-        if not ids:
+        """The newest `limit` entries, newest first, each with its `dead_at`."""
+        rows: list[tuple[bytes, float]] = self._client.zrevrange(  # type: ignore[assignment]
+            self._index, 0, limit - 1, withscores=True
+        )
+        if not rows:
             return []
-        raws = self._client.hmget(self._entries, ids)
-        return [DeadLetter.from_json(r) for r in raws if r is not None]
+        raws = self._client.hmget(self._entries, [row[0] for row in rows])
+        return [
+            DeadLetter.from_json(raw, dead_at=float(at))
+            for (_, at), raw in zip(rows, raws, strict=True)
+            if raw is not None
+        ]
 
     def get(self, letter_id: str) -> DeadLetter | None:
-        raw = self._client.hget(self._entries, letter_id)
-        return None if raw is None else DeadLetter.from_json(raw)
+        with self._client.pipeline(transaction=False) as pipe:
+            pipe.hget(self._entries, letter_id)
+            pipe.zscore(self._index, letter_id)
+            raw, at = pipe.execute()
+        return None if raw is None else DeadLetter.from_json(raw, float(at) if at else None)
 
     def remove(self, letter_id: str) -> bool:
         with self._client.pipeline(transaction=True) as pipe:

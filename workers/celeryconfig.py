@@ -24,6 +24,18 @@ def route_for(settings: Settings) -> Any:
     return route
 
 
+#: Brokers `workers.transport` guards. `rediss://` keeps kombu's own transport for now:
+#: kombu derives its TLS options from that scheme, which an explicit transport bypasses.
+GUARDED_SCHEMES = ("redis://", "unix://")
+
+
+def transport_for(broker_url: str) -> dict[str, str]:
+    """`broker_transport` for a Redis broker: kombu's Redis transport with poison guard."""
+    if broker_url.startswith(GUARDED_SCHEMES):
+        return {"broker_transport": "workers.transport:GuardedTransport"}
+    return {}
+
+
 def build_config(settings: Settings) -> dict[str, Any]:
     exchange = Exchange("bulwark", type="direct")
     scaling = settings.scaling
@@ -56,16 +68,28 @@ def build_config(settings: Settings) -> dict[str, Any]:
         "task_queues": [Queue(q, exchange, routing_key=q) for q in settings.all_queues],
         "task_create_missing_queues": False,
         "task_routes": (route_for(settings),),
+        # kombu's Redis transport, refusing poison items instead of crashing on them.
+        **transport_for(settings.broker),
         # Redis redelivers an unacked message after the visibility timeout: it must
         # exceed the longest countdown we schedule plus the task time limit
-        # (checked by Settings).
+        # (checked by Settings). kombu looks for such messages every
+        # `restore_interval` seconds, every time (throttle 1), so a task of a worker
+        # that died comes back within the visibility timeout plus that interval.
         "broker_transport_options": {
             "visibility_timeout": scaling.visibility_timeout,
+            "unacked_restore_interval": settings.restore_interval,
+            "unacked_restore_throttle": 1,
             "socket_connect_timeout": 5,
             "socket_timeout": 30,
             "retry_on_timeout": True,
         },
         "result_backend_transport_options": {"socket_connect_timeout": 5},
+        # A result write that meets a Redis outage is retried (up to about a minute),
+        # so a task that succeeded is never reported as FAILURE because Redis blinked.
+        "result_backend_always_retry": True,
+        "result_backend_max_retries": 30,
+        "result_backend_base_sleep_between_retries_ms": 100,
+        "result_backend_max_sleep_between_retries_ms": 2000,
         "broker_connection_retry_on_startup": True,
         "worker_consumer": "workers.consumer:GuardedConsumer",
         "worker_hijack_root_logger": False,

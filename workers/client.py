@@ -3,9 +3,15 @@
 `client()` knows the broker, JSON-only serialization and the routing of task
 names to bulkhead queues, and imports no task code, so another service can
 `client().send_task("payments.charge", args=[...])` without Bulwark's tasks.
+It refuses a countdown or ETA that a worker could not hold without Redis
+delivering the task twice (`EnqueueRefused`); a worker refuses such a message
+from any other producer too (it is dead-lettered with that reason).
 """
 
 from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
 
 from celery import Celery
 
@@ -33,7 +39,42 @@ PRODUCER_KEYS = (
 )
 
 
-def client(settings: Settings | None = None, *, name: str = "bulwark-client") -> Celery:
+class EnqueueRefused(ValueError):
+    """The client refused to enqueue a task; the message says why. Nothing was sent."""
+
+
+class Producer(Celery):  # type: ignore[misc]
+    """A Celery app that refuses, at `send_task`, a countdown or ETA a worker may not hold.
+
+    A worker holds a task until its ETA; past the visibility timeout Redis gives it
+    to another worker too, so the task would run twice (`Settings.countdown_horizon`).
+    """
+
+    horizon: float = float("inf")
+
+    def send_task(
+        self,
+        name: str,
+        args: Any = None,
+        kwargs: Any = None,
+        countdown: float | None = None,
+        eta: datetime | None = None,
+        **options: Any,
+    ) -> Any:
+        ahead = countdown
+        if eta is not None:
+            due = eta if eta.tzinfo is not None else eta.replace(tzinfo=UTC)
+            ahead = (due - datetime.now(UTC)).total_seconds()
+        if ahead is not None and ahead > self.horizon:
+            raise EnqueueRefused(
+                f"{name}: a countdown of {ahead:.0f} s is beyond what a worker may hold "
+                f"({self.horizon:.0f} s: BULWARK_VISIBILITY_TIMEOUT less "
+                "BULWARK_TASK_TIME_LIMIT); it would run twice. Nothing was sent."
+            )
+        return super().send_task(name, args, kwargs, countdown=countdown, eta=eta, **options)
+
+
+def client(settings: Settings | None = None, *, name: str = "bulwark-client") -> Producer:
     """A Celery app that only produces: routes task names to Bulwark's queues.
 
     Each send is stamped with its sent time (queue-wait metrics) and counted.
@@ -43,7 +84,9 @@ def client(settings: Settings | None = None, *, name: str = "bulwark-client") ->
     """
     tracing.setup_producer()
     metrics.connect_producer()
-    config = build_config(settings or get_settings())
-    app = Celery(name)
+    settings = settings or get_settings()
+    config = build_config(settings)
+    app = Producer(name)
     app.conf.update({k: config[k] for k in PRODUCER_KEYS})
+    app.horizon = settings.countdown_horizon
     return app

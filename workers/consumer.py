@@ -1,25 +1,39 @@
-"""The worker's message consumer: refused messages are dead-lettered, not dropped.
+"""The worker's message consumer: a message it cannot run is dead-lettered, never dropped,
+and never stops the worker.
 
 Celery logs and acknowledges a message it cannot decode (pickle, when only JSON
 is accepted), an unknown task name, or a malformed message, and the message is
-gone. `GuardedConsumer` first records each such message in the dead-letter
-store with its reason, then lets Celery do what it does.
+gone; a message whose headers have the wrong types (`timelimit: "abc"`, no
+`id`) raises out of Celery's handler and stops the worker, or makes it
+reconnect and redeliver everything in flight. `GuardedConsumer` checks each
+task message first (`workers.envelope.task_problem`), keeps any message it
+refuses in the dead-letter store with the reason (its raw body, size-capped),
+acknowledges it, and goes on; a message that still makes Celery's handler
+raise is refused the same way.
 """
 
 from __future__ import annotations
 
 import base64
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from celery.worker.consumer import Consumer
-from kombu.exceptions import ContentDisallowed
+from kombu.exceptions import ContentDisallowed, DecodeError
 from kombu.serialization import registry
+from vine import promise
 
 from policies.deadletter import DeadLetter
+from workers.envelope import RAW_KEEP, eta_problem, task_problem
 from workers.resources import deadletters
+from workers.settings import get_settings
 
 logger = logging.getLogger(__name__)
+
+
+def _text(value: Any, default: str) -> str:
+    return value[:200] if isinstance(value, str) and value else default
 
 
 def _letter_from_message(message: Any, reason: str, exc: BaseException | None) -> DeadLetter:
@@ -27,17 +41,20 @@ def _letter_from_message(message: Any, reason: str, exc: BaseException | None) -
     delivery = getattr(message, "delivery_info", None) or {}
     body = message.body if isinstance(message.body, bytes) else str(message.body).encode()
     return DeadLetter(
-        task_name=str(headers.get("task", "<unknown>")),
-        task_id=headers.get("id"),
-        queue=delivery.get("routing_key"),
+        task_name=_text(headers.get("task"), "<unknown>"),
+        task_id=_text(headers.get("id"), "") or None,
+        queue=_text(delivery.get("routing_key"), "") or None,
         reason=reason,
         error=f"{type(exc).__name__}: {exc}" if exc is not None else None,
-        content_type=message.content_type,
-        raw_body=base64.b64encode(body).decode("ascii"),
+        content_type=_text(message.content_type, "") or None,
+        raw_body=base64.b64encode(body[:RAW_KEEP]).decode("ascii"),
+        raw_size=len(body),
     )
 
 
-def _refused(message: Any) -> str:
+def _refused(message: Any, exc: BaseException | None = None) -> str:
+    if message.content_type == "application/json" and not isinstance(exc, ContentDisallowed):
+        return f"body is not valid JSON: {exc}"
     serializer = registry.type_to_name.get(message.content_type, "unknown serializer")
     return f"refused content type {message.content_type!r} ({serializer}): only json is accepted"
 
@@ -50,16 +67,22 @@ class GuardedConsumer(Consumer):  # type: ignore[misc]
                 "dead-lettered refused message",
                 extra={"reason": reason, "deadletter_id": letter.id, "task_id": letter.task_id},
             )
-        except Exception:  # the message is still logged in full by Celery below
+        except Exception:  # the message is still logged (without its body) below
             logger.exception("could not dead-letter a refused message (%s)", reason)
 
+    def _refuse(self, message: Any, reason: str, exc: BaseException | None = None) -> None:
+        """Keep `message` with `reason`, then take it off the queue: the worker goes on."""
+        self._dead_letter(message, reason, exc)
+        if not message.acknowledged:
+            message.reject_log_error(logger, self.connection_errors)
+
     def on_decode_error(self, message: Any, exc: BaseException) -> None:
-        self._dead_letter(message, _refused(message), exc)
+        self._dead_letter(message, _refused(message, exc), exc)
         super().on_decode_error(message, exc)
 
     def on_invalid_task(self, body: Any, message: Any, exc: BaseException) -> None:
-        reason = _refused(message) if isinstance(exc, ContentDisallowed) else "invalid task message"
-        self._dead_letter(message, reason, exc)
+        reason = _refused(message, exc) if isinstance(exc, ContentDisallowed) else "invalid task"
+        self._dead_letter(message, f"{reason}: {exc}", exc)
         super().on_invalid_task(body, message, exc)
 
     def on_unknown_task(self, body: Any, message: Any, exc: BaseException) -> None:
@@ -69,3 +92,38 @@ class GuardedConsumer(Consumer):  # type: ignore[misc]
     def on_unknown_message(self, body: Any, message: Any) -> None:
         self._dead_letter(message, "not a task message", None)
         super().on_unknown_message(body, message)
+
+    def create_task_handler(self, promise: Any = promise) -> Callable[[Any], Any]:
+        handle = super().create_task_handler(promise)
+
+        def on_task_received(message: Any) -> Any:
+            try:
+                problem = self._problem(message)
+                if problem is not None:
+                    return self._refuse(message, problem)
+                return handle(message)
+            except Exception as exc:
+                logger.warning("a message made the worker's handler raise", exc_info=True)
+                return self._refuse(
+                    message, f"the worker cannot take this message: {type(exc).__name__}", exc
+                )
+
+        return on_task_received
+
+    def _problem(self, message: Any) -> str | None:
+        """Why a protocol-2 task message cannot run; None for anything Celery handles itself."""
+        headers = message.headers
+        if not isinstance(headers, dict) or "task" not in headers:
+            return None  # protocol 1 or not a task: Celery dead-letters it through our hooks
+        try:
+            body = message.decode()
+        except ContentDisallowed:
+            return None  # Celery refuses it and calls on_invalid_task / on_decode_error
+        except (DecodeError, ValueError, TypeError, RecursionError) as exc:
+            return _refused(message, exc)
+        return task_problem(headers, message.properties, body) or _beyond_horizon(headers)
+
+
+def _beyond_horizon(headers: dict[str, Any]) -> str | None:
+    """A task whose ETA outlasts the visibility timeout would be delivered twice."""
+    return eta_problem(headers.get("eta"), get_settings().countdown_horizon)

@@ -381,7 +381,8 @@ class ScalingSettings:
         "BULWARK_VISIBILITY_TIMEOUT",
         _seconds(),
         3600.0,
-        "seconds before an unacked message is redelivered; must exceed every countdown",
+        "seconds before a task held by a worker that died is delivered again (within a few "
+        "seconds more); must exceed every countdown plus the task time limit",
     )
 
 
@@ -450,6 +451,17 @@ class Settings:
         """The longest countdown Bulwark ever schedules (retry, deferral)."""
         r = self.resilience
         return max(r.retry_max_delay, r.defer_max_delay, r.breaker_timeout)
+
+    @property
+    def countdown_horizon(self) -> float:
+        """The longest countdown (or ETA from now) a task may carry: a longer one would
+        outlast the visibility timeout while the worker holds it, and be delivered twice."""
+        return self.scaling.visibility_timeout - self.scaling.task_time_limit
+
+    @property
+    def restore_interval(self) -> float:
+        """Seconds between the broker's sweeps for tasks whose worker died."""
+        return min(5.0, max(0.5, self.scaling.visibility_timeout / 10))
 
     def _check_consistency(self) -> None:
         needed = self.longest_countdown + self.scaling.task_time_limit

@@ -1,16 +1,15 @@
 -- Add one dead-letter entry, stamped with the server's clock, and trim the oldest.
--- KEYS[1] entries  hash   id -> JSON entry
--- KEYS[2] index    zset   id scored by dead-lettering time
+-- KEYS[1] entries  hash   id -> JSON entry, stored as given (never re-encoded: cjson
+--                         would turn [] into {})
+-- KEYS[2] index    zset   id scored by dead-lettering time (the entry's `dead_at`)
 -- KEYS[3] total    string count of every entry ever added (for growth alerts)
 -- ARGV[1] id
--- ARGV[2] JSON entry without its timestamp
+-- ARGV[2] JSON entry
 -- ARGV[3] maximum entries kept
 -- returns the server time (seconds, as a string) stamped on the entry
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
-local entry = cjson.decode(ARGV[2])
-entry['dead_at'] = now
-redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(entry))
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('ZADD', KEYS[2], now, ARGV[1])
 redis.call('INCR', KEYS[3])
 local excess = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[3])

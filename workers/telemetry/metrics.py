@@ -21,6 +21,8 @@ Per worker process group (counters and histograms, no hostname labels):
 - bulwark_degradation_changes_total{service, to_level}
 - bulwark_store_outages_total{policy}: a policy lost its Redis and went local
 - bulwark_alerts_sent_total{sink, severity}: see `alert_sent`
+- bulwark_poison_messages_total{queue, source}: queue items the transport
+  refused (not a kombu envelope; source `queue` or `unacked`)
 
 The fleet gauges (beat's /metrics) are in `workers.telemetry.fleet_metrics`.
 """
@@ -163,6 +165,12 @@ class TaskMetrics:
             "bulwark_store_outages",
             "A policy lost its Redis and ran locally",
             ["policy"],
+            registry=r,
+        )
+        self.poison = Counter(
+            "bulwark_poison_messages",
+            "Queue items refused before decoding (kept in the dead-letter store)",
+            ["queue", "source"],
             registry=r,
         )
         self.alerts_sent = Counter(

@@ -1,0 +1,186 @@
+"""The broker transport: kombu's Redis transport, refusing poison instead of crashing on it.
+
+kombu's Redis channel decodes each item it pops (`BRPOP`, `RPOP`) or restores
+from its `unacked` hash with a bare `json.loads` and hands it to the virtual
+transport, which indexes it as a kombu envelope. An item that is not JSON, not
+an object, or lacks `properties` raises inside kombu, before Celery or Bulwark
+sees a message: the worker stops ("Unrecoverable error") and the item is gone.
+
+`GuardedTransport` (selected by `broker_transport` in `workers.celeryconfig`)
+parses every item with `workers.envelope.parse_envelope` first. A malformed
+one is quarantined: kept in the dead-letter store with its raw bytes (the
+first `RAW_KEEP`, and the original length) and the reason, counted in
+`bulwark_poison_messages_total{queue, source}`, logged without its content;
+the worker goes on with the next item. If the policies' Redis cannot take the
+dead letter, it is kept in a dead-letter store on the broker's Redis instead.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from typing import Any
+
+import redis
+from kombu.transport import redis as kombu_redis
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import loads
+
+from policies.deadletter import DeadLetter, DeadLetterStore
+from workers.envelope import RAW_KEEP, envelope_problem, parse_envelope
+from workers.resources import deadletters
+from workers.telemetry.metrics import metrics
+
+__all__ = ["GuardedChannel", "GuardedQoS", "GuardedTransport", "quarantine"]
+
+logger = logging.getLogger(__name__)
+
+#: `task_name` of a dead letter whose message could not be read at all.
+UNREADABLE = "<unreadable message>"
+
+
+def quarantine(
+    raw: bytes | str, reason: str, queue: str | None, *, source: str, broker: Any = None
+) -> DeadLetter | None:
+    """Keep a refused queue item with its reason; count and log it. Never raises."""
+    data = raw.encode("utf-8", "surrogateescape") if isinstance(raw, str) else bytes(raw)
+    letter = DeadLetter(
+        task_name=UNREADABLE,
+        queue=queue,
+        reason=f"poison message ({source}): {reason}",
+        raw_body=base64.b64encode(data[:RAW_KEEP]).decode("ascii"),
+        raw_size=len(data),
+    )
+    kept = _keep(letter, broker)
+    try:
+        metrics().poison.labels(queue=queue or "unknown", source=source).inc()
+    except Exception:  # a metric must never stop the consumer
+        logger.exception("poison message metric failed")
+    logger.error(
+        "poison message refused from %s %s: %s (%d bytes)",
+        source,
+        queue or "?",
+        reason,
+        len(data),
+        extra={"deadletter_id": kept.id if kept else None},
+    )
+    return kept
+
+
+def _keep(letter: DeadLetter, broker: Any) -> DeadLetter | None:
+    """Add `letter` to the dead-letter store; to one on the broker's Redis if that fails."""
+    try:
+        return deadletters().add(letter)
+    except redis.RedisError as exc:
+        logger.warning("dead-letter store unreachable (%s); keeping it on the broker", exc)
+    if broker is not None:
+        try:
+            return DeadLetterStore(broker).add(letter)
+        except redis.RedisError as exc:
+            logger.error("broker's dead-letter store unreachable too: %s", exc)
+    return None
+
+
+class GuardedQoS(kombu_redis.QoS):
+    """Restores unacked messages, quarantining entries of the `unacked` hash that do not parse."""
+
+    def restore_by_tag(self, tag: Any, client: Any = None, leftmost: bool = False) -> None:
+        channel: GuardedChannel = self.channel
+        refused: list[tuple[bytes, str]] = []
+
+        def restore_transaction(pipe: Any) -> None:
+            refused.clear()
+            raw = pipe.hget(self.unacked_key, tag)
+            pipe.multi()
+            self._remove_from_indices(tag, pipe)
+            if raw:
+                unpacked = _unacked_entry(raw)
+                if isinstance(unpacked, str):
+                    refused.append((raw, unpacked))
+                else:
+                    channel._do_restore_message(*unpacked, pipe, leftmost)
+
+        with channel.conn_or_acquire(client) as conn:
+            conn.transaction(restore_transaction, self.unacked_key)
+            for raw, reason in refused:
+                quarantine(raw, reason, None, source="unacked", broker=conn)
+
+
+def _unacked_entry(raw: bytes) -> tuple[dict[str, Any], str, str] | str:
+    """`(payload, exchange, routing_key)` of an `unacked` hash value, or why it is not one."""
+    try:
+        entry = loads(bytes_to_str(raw))
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        return f"unacked entry is not JSON: {exc}"
+    if not (isinstance(entry, list) and len(entry) == 3):
+        return "unacked entry is not [message, exchange, routing_key]"
+    message, exchange, routing_key = entry
+    if not isinstance(exchange, str) or not isinstance(routing_key, str):
+        return "unacked entry has no text exchange and routing key"
+    problem = envelope_problem(message)
+    if problem is not None:
+        return problem
+    return message, exchange, routing_key
+
+
+class GuardedChannel(kombu_redis.Channel):
+    """kombu's Redis channel, parsing every popped item before delivering it."""
+
+    QoS = GuardedQoS
+
+    def _deliver_item(self, item: bytes, queue: str) -> None:
+        envelope = parse_envelope(item)
+        if envelope.problem is None and envelope.payload is not None:
+            self.connection._deliver(envelope.payload, queue)
+            return
+        with self.conn_or_acquire() as client:
+            quarantine(item, envelope.problem or "empty", queue, source="queue", broker=client)
+
+    def _brpop_read(self, **options: Any) -> bool:
+        # kombu 5.7's `_brpop_read`, with `_deliver_item` in place of `_deliver(loads(item))`.
+        try:
+            try:
+                dest__item = self.client.parse_response(self.client.connection, "BRPOP", **options)
+            except self.connection_errors:
+                self.client.connection.disconnect()
+                raise
+            if dest__item:
+                dest, item = dest__item
+                dest = bytes_to_str(dest).rsplit(self.sep, 1)[0]
+                self._queue_cycle.rotate(dest)
+                self._deliver_item(item, dest)
+                return True
+            raise kombu_redis.Empty()
+        finally:
+            self._in_poll = None
+            flush = getattr(self, "_flush_brpop_reauth", None)
+            if flush is not None:
+                flush()
+
+    def _get(self, queue: str) -> dict[str, Any]:
+        with self.conn_or_acquire() as client:
+            for pri in self.priority_steps:
+                while True:
+                    item = client.rpop(self._q_for_pri(queue, pri))
+                    if not item:
+                        break
+                    envelope = parse_envelope(item)
+                    if envelope.problem is None and envelope.payload is not None:
+                        self._maybe_update_queues_expire(client, queue)
+                        return envelope.payload
+                    quarantine(item, envelope.problem or "empty", queue, source="queue",
+                               broker=client)  # fmt: skip
+            self._maybe_update_queues_expire(client, queue)
+            raise kombu_redis.Empty()
+
+    def _restore(self, message: Any, leftmost: bool = False) -> None:
+        if not self.ack_emulation:
+            super()._restore(message)
+            return
+        self.qos.restore_by_tag(message.delivery_tag, leftmost=leftmost)
+
+
+class GuardedTransport(kombu_redis.Transport):
+    """kombu's Redis transport with `GuardedChannel`."""
+
+    Channel = GuardedChannel
