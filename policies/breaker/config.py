@@ -12,7 +12,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
+from policies.classify import FailureKind, default_classifier
 from policies.errors import PolicyConfigError
+
+#: What a dependency's failure looks like by default (see `BreakerConfig.record_on`).
+DEPENDENCY_FAILURES = frozenset(
+    {FailureKind.transient, FailureKind.timeout, FailureKind.rate_limited}
+)
 
 #: A sliding window is kept as this many buckets of `window / WINDOW_BUCKETS` seconds.
 WINDOW_BUCKETS = 10
@@ -116,8 +122,14 @@ class BreakerConfig:
     on_store_error: StoreErrorMode = "fail_open"
     #: While Redis is unreachable, try it again after this long.
     store_retry_interval: float = 1.0
-    record_on: tuple[type[BaseException], ...] = (Exception,)
+    #: Exceptions that count as the dependency's failures. None (the default): those the
+    #: failure classifier calls transient, timeout or rate-limited (HTTP 429 and 5xx
+    #: included); a caller's bad input (TypeError, ValueError, HTTP 4xx) does not count.
+    record_on: tuple[type[BaseException], ...] | None = None
+    #: Exceptions that never count, whatever the rule above says.
     ignore: tuple[type[BaseException], ...] = ()
+    #: The failure kinds that count when `record_on` is None.
+    count_kinds: frozenset[FailureKind] = DEPENDENCY_FAILURES
     #: If given, decides alone whether an exception counts as a failure.
     counts: Callable[[BaseException], bool] | None = None
     #: Emit events.CallRecorded for every outcome (off: one event per call is a lot).
@@ -145,10 +157,16 @@ class BreakerConfig:
         _positive("store_retry_interval", self.store_retry_interval)
         for name in ("record_on", "ignore"):
             value = getattr(self, name)
+            if name == "record_on" and value is None:
+                continue
             if not isinstance(value, tuple) or not all(
                 isinstance(t, type) and issubclass(t, BaseException) for t in value
             ):
                 raise _fail(name, "a tuple of exception types", value)
+        if not isinstance(self.count_kinds, frozenset) or not all(
+            isinstance(k, FailureKind) for k in self.count_kinds
+        ):
+            raise _fail("count_kinds", "a frozenset of FailureKind", self.count_kinds)
         if self.counts is not None and not callable(self.counts):
             raise _fail("counts", "a callable exc -> bool", self.counts)
 
@@ -181,10 +199,14 @@ class BreakerConfig:
         return cls(**chosen)
 
     def classify(self, exc: BaseException) -> bool:
-        """True if `exc` counts as a failure of the dependency."""
+        """True if `exc` counts as a failure of the dependency, not of its caller."""
         if self.counts is not None:
             return bool(self.counts(exc))
-        return isinstance(exc, self.record_on) and not isinstance(exc, self.ignore)
+        if isinstance(exc, self.ignore):
+            return False
+        if self.record_on is not None:
+            return isinstance(exc, self.record_on)
+        return default_classifier.classify(exc).kind in self.count_kinds
 
     def failed(self, success: bool, duration: float) -> bool:
         """Whether an outcome counts as a failure (slow calls count when configured)."""

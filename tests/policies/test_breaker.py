@@ -112,6 +112,19 @@ class TestConfig:
         assert not config.classify(ValueError())
         assert BreakerConfig(counts=lambda e: "boom" in str(e)).classify(ValueError("boom"))
 
+    def test_by_default_only_the_dependencys_failures_count(self) -> None:
+        def http(status: int) -> Exception:
+            return type("HTTPError", (Exception,), {"status_code": status})()
+
+        config = BreakerConfig()
+        for counted in (ConnectionError(), TimeoutError(), http(503), http(429), OSError("x")):
+            assert config.classify(counted), counted
+        for caller in (ValueError(), TypeError(), KeyError("k"), http(404), http(400)):
+            assert not config.classify(caller), caller
+        assert not BreakerConfig(ignore=(ConnectionError,)).classify(ConnectionError())
+        assert BreakerConfig(record_on=(ValueError,)).classify(ValueError())
+        assert not BreakerConfig(record_on=(ValueError,)).classify(ConnectionError())
+
 
 class TestTripping:
     """A closed breaker opens on consecutive failures, a failure rate, or slow calls."""

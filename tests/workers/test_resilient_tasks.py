@@ -118,6 +118,22 @@ class TestDeadLetters:
         assert dependency("inventory").calls() == 0
 
 
+class TestCallersFailures:
+    """Bad input from callers is their failure, not the dependency's: the breaker stays closed."""
+
+    def test_value_errors_do_not_open_the_breaker(self, r: redis.Redis, start_worker) -> None:
+        start_worker(["payments"], name="payments", env=FAST)
+        app = client()
+        for i in range(6):
+            with pytest.raises(ValueError):
+                app.send_task("payments.charge", args=[f"o-bad-{i}", 0]).get(timeout=30)
+        state = breaker(r, "payments")
+        assert state is not None
+        assert (state.state, state.failures, state.trips) == ("closed", 0, 0)
+        assert app.send_task("payments.charge", args=["o-good", 100]).get(timeout=30)
+        assert DeadLetterStore(r).count() == 6
+
+
 class TestRetryBudget:
     """A spent fleet-wide retry budget stops retries: the task is deferred, not retried."""
 
