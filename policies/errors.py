@@ -69,3 +69,14 @@ class TransientFailure(BulwarkError):
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         self.retry_after = retry_after
         super().__init__(message)
+
+
+class AlreadyRunning(PolicyRejected):
+    """An execute-once task is running elsewhere (or its store cannot be asked): try later."""
+
+    def __init__(self, name: str, retry_after: float, reason: str) -> None:
+        super().__init__("once", name, retry_after, reason)
+
+
+class Interrupted(PermanentFailure):
+    """An execute-once task's earlier delivery began and never finished: it is not run again."""

@@ -32,6 +32,7 @@ def ping(token: str) -> dict[str, Any]:
     bulkhead=PAYMENTS,
     service=PAYMENTS,
     budget=PAYMENTS,
+    once=True,  # a charge is not idempotent: never twice for one task id
 )
 def charge(order_id: str, amount_cents: int) -> dict[str, Any]:
     """Charge an order through the payments gateway."""

@@ -33,6 +33,10 @@ class Dependency:
         return keys.key("demo", self.name, "outage")
 
     @property
+    def _latency_key(self) -> str:
+        return keys.key("demo", self.name, "latency")
+
+    @property
     def _calls_key(self) -> str:
         return keys.key("demo", self.name, "calls")
 
@@ -41,10 +45,11 @@ class Dependency:
         with client.pipeline(transaction=False) as pipe:
             pipe.incr(self._calls_key)
             pipe.exists(self._outage_key)
-            _, down = pipe.execute()
+            pipe.get(self._latency_key)
+            _, down, slow = pipe.execute()
         if down:
             raise DependencyDown(f"{self.name} is unreachable ({operation})")
-        time.sleep(self.latency)
+        time.sleep(float(slow) if slow is not None else self.latency)
         return uuid.uuid4().hex[:12]
 
     def set_outage(self, seconds: float) -> None:
@@ -54,6 +59,14 @@ class Dependency:
             client.delete(self._outage_key)
         else:
             client.set(self._outage_key, "1", px=int(seconds * 1000))
+
+    def set_latency(self, seconds: float | None) -> None:
+        """Make every call take `seconds` (None: the default latency again)."""
+        client = broker_redis()
+        if seconds is None:
+            client.delete(self._latency_key)
+        else:
+            client.set(self._latency_key, repr(float(seconds)))
 
     def calls(self) -> int:
         return int(broker_redis().get(self._calls_key) or 0)

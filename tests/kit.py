@@ -113,7 +113,8 @@ class Worker:
         if self.process is None:
             return 0
         if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
+            # The main process only: a warm shutdown, which stops the pool children itself.
+            os.kill(self.process.pid, signal.SIGTERM)
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:

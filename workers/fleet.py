@@ -7,11 +7,11 @@ is tested with a hand-made one.
 
 It costs three pipelined round trips, however many policies, workers or keys:
 
-1. policy Redis: TIME, the name indexes of breakers, bulkheads, services and
-   workers (`policies.index`), the stored health results, the dead-letter
-   counts;
+1. policy Redis: TIME, the name indexes of breakers, bulkheads, services,
+   workers and supervisors (`policies.index`), the stored health results, the
+   dead-letter counts;
 2. policy Redis: one snapshot script per breaker, bulkhead and service, one
-   GET per worker heartbeat;
+   GET per worker heartbeat, one HGETALL per supervisor's restarted processes;
 3. broker Redis: LLEN of every priority sub-queue of every queue and kombu's
    `unacked` hash (messages reserved by workers; those whose ETA is still
    ahead are counted as scheduled).
@@ -48,13 +48,16 @@ from workers.settings import get_settings
 __all__ = [
     "HEALTH_LAST_RUN_KEY",
     "HEALTH_RESULTS_KEY",
+    "SUPERVISORS_INDEX",
     "WORKERS_INDEX",
     "FleetSnapshot",
     "HealthResult",
+    "ProcessState",
     "QueueState",
     "WorkerState",
     "heartbeat_key",
     "priority_queues",
+    "processes_key",
     "read_fleet",
     "take",
 ]
@@ -71,6 +74,13 @@ HEALTH_RESULTS_KEY = keys.key("health", "fleet", "results")
 HEALTH_LAST_RUN_KEY = keys.key("health", "fleet", "last_run")
 #: The hostnames of workers that announced themselves (`workers.lifecycle`).
 WORKERS_INDEX = keys.index("worker")
+#: The hosts whose supervisor (`bulwark up`) restarted a process.
+SUPERVISORS_INDEX = keys.index("supervisor")
+
+
+def processes_key(host: str) -> str:
+    """Hash of one supervisor's processes: name -> JSON {restarts, crash_looping, ...}."""
+    return keys.key("supervisor", host, "processes")
 
 
 def heartbeat_key(hostname: str) -> str:
@@ -111,6 +121,19 @@ class WorkerState:
     pid: int
     queues: tuple[str, ...]
     #: The worker's clock when it wrote the heartbeat (unix seconds).
+    at: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProcessState:
+    """A process the supervisor of `bulwark up` had to restart."""
+
+    host: str
+    process: str
+    restarts: int
+    last_exit: int
+    crash_looping: bool
+    #: When the supervisor last wrote this (unix seconds).
     at: float
 
 
@@ -163,6 +186,8 @@ class FleetSnapshot:
     bulkheads: tuple[BulkheadSnapshot, ...] = ()
     services: tuple[ServiceState, ...] = ()
     workers: tuple[WorkerState, ...] = ()
+    #: Processes restarted by a supervisor (crashed at least once).
+    processes: tuple[ProcessState, ...] = ()
     deadletters_kept: int = 0
     deadletters_total: int = 0
     #: Stored health results by check name (sorted), and when the checks last ran.
@@ -191,6 +216,7 @@ class FleetSnapshot:
             "bulkheads": [asdict(b) for b in self.bulkheads],
             "services": [_service_dict(s) for s in self.services],
             "workers": [asdict(w) for w in self.workers],
+            "processes": [asdict(p) for p in self.processes],
             "deadletters": {"kept": self.deadletters_kept, "total": self.deadletters_total},
             "health": {
                 "last_run": self.health_last_run,
@@ -241,14 +267,17 @@ def _read(policy: redis.Redis, broker: redis.Redis, queues: list[str]) -> FleetS
     for policy_name in ("breaker", "bulkhead", "degradation"):
         pipe.smembers(keys.index(policy_name))
     pipe.smembers(WORKERS_INDEX)
+    pipe.smembers(SUPERVISORS_INDEX)
     pipe.hgetall(HEALTH_RESULTS_KEY)
     pipe.get(HEALTH_LAST_RUN_KEY)
     letters.queue_counts(pipe)
     first = [_ok(r) for r in pipe.execute(raise_on_error=False)]
     now = _now(first[0])
-    breaker_names, bulkhead_names, service_names, hostnames = (decode_names(r) for r in first[1:5])
-    raw_health, last_run = first[5], first[6]
-    kept, total = letters.read_counts(first[7:9])
+    breaker_names, bulkhead_names, service_names, hostnames, supervisors = (
+        decode_names(r) for r in first[1:6]
+    )
+    raw_health, last_run = first[6], first[7]
+    kept, total = letters.read_counts(first[8:10])
 
     # 2. one snapshot per policy instance, one heartbeat per worker
     pipe = policy.pipeline(transaction=False)
@@ -261,8 +290,11 @@ def _read(policy: redis.Redis, broker: redis.Redis, queues: list[str]) -> FleetS
     beats_at = len(pipe)
     for hostname in hostnames:
         pipe.get(heartbeat_key(hostname))
+    for host in supervisors:
+        pipe.hgetall(processes_key(host))
     second = pipe.execute(raise_on_error=False)
-    beats = second[beats_at:]
+    beats = second[beats_at : beats_at + len(hostnames)]
+    supervised = second[beats_at + len(hostnames) :]
     workers = _workers(hostnames, beats)
     gone = [h for h, raw in zip(hostnames, beats, strict=True) if raw is None]
     if gone:
@@ -276,6 +308,7 @@ def _read(policy: redis.Redis, broker: redis.Redis, queues: list[str]) -> FleetS
         bulkheads=tuple(b for b in (read(second) for read in read_bulkheads) if b is not None),
         services=tuple(read(second) for read in read_services),
         workers=workers,
+        processes=_processes(supervised),
         deadletters_kept=kept,
         deadletters_total=total,
         health={
@@ -302,6 +335,29 @@ def _workers(hostnames: list[str], beats: Sequence[Any]) -> tuple[WorkerState, .
             )
         except (ValueError, TypeError, KeyError):
             logger.warning("fleet snapshot: unreadable heartbeat of %s", hostname)
+    return tuple(found)
+
+
+def _processes(replies: Sequence[Any]) -> tuple[ProcessState, ...]:
+    found = []
+    for reply in replies:
+        if isinstance(reply, BaseException):
+            continue
+        for name, raw in sorted(reply.items()):
+            try:
+                data = json.loads(raw)
+                found.append(
+                    ProcessState(
+                        host=str(data["host"]),
+                        process=_text(name),
+                        restarts=int(data["restarts"]),
+                        last_exit=int(data["last_exit"]),
+                        crash_looping=bool(data["crash_looping"]),
+                        at=float(data["at"]),
+                    )
+                )
+            except (ValueError, TypeError, KeyError):
+                logger.warning("fleet snapshot: unreadable process entry %r", name)
     return tuple(found)
 
 

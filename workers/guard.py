@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -26,7 +27,14 @@ from policies.budget import RetryBudget
 from policies.bulkhead import Bulkhead, Lease
 from policies.classify import FailureKind
 from policies.degradation import Degradation
-from policies.errors import PolicyRejected, RetryBudgetExhausted, ServiceDegraded
+from policies.errors import (
+    AlreadyRunning,
+    Interrupted,
+    PolicyRejected,
+    RetryBudgetExhausted,
+    ServiceDegraded,
+)
+from policies.once import Claim, ExecuteOnce
 from policies.retry import RetryPolicy
 from workers import listeners
 from workers.resources import policy, policy_redis
@@ -36,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 #: Celery's own control flow raised from a task body: not a failure of the dependency.
 CONTROL_FLOW = (Retry, Ignore, Reject)
+_NO_RESULT: Any = object()
 DEFERRALS_HEADER = "bulwark_deferrals"
 ATTEMPT_HEADER = "bulwark_attempt"
 
@@ -51,6 +60,7 @@ class GuardedTask(Protocol):
     budget: str | None
     fallback: Callable[..., Any] | None
     defer_max: int | None
+    once: bool
 
     def run(self, *args: Any, **kwargs: Any) -> Any: ...
 
@@ -86,6 +96,11 @@ class Guard:
     defer_max: int
     defer_cap: float
     client: redis.Redis
+    #: Execute-once store, for a task declared `once=True`; None otherwise.
+    once: ExecuteOnce | None = None
+    #: Seconds a delivery may run (the task time limit and a second): an unfinished one
+    #: older than this was interrupted.
+    once_window: float = 301.0
 
     # -- the hot path ----------------------------------------------------------------------
 
@@ -99,20 +114,70 @@ class Guard:
                     self.service.service, str(level), self.service.config.recovery_step
                 )
                 raise self._defer(task, error)
-        permit = self._permit(task)
-        lease = self._lease(task, permit)
+        once_id = None
+        if self.once is not None:
+            claim = self._claim(task)
+            if claim.action == "done":
+                logger.info("task %s[%s] ran already: its result is returned", task.name,
+                            task.request.id)  # fmt: skip
+                return claim.result
+            once_id = task.request.id
+        try:
+            permit = self._permit(task)
+            lease = self._lease(task, permit)
+        except BaseException:
+            if once_id is not None:
+                self._abandon(once_id)  # refused before the body ran: a later delivery may
+            raise
         started = time.perf_counter()
         try:
             value = task.run(*args, **kwargs)
         except CONTROL_FLOW:
-            self._after(permit, lease, success=True, duration=time.perf_counter() - started)
+            self._after(permit, lease, success=True, duration=time.perf_counter() - started,
+                        once_id=once_id)  # fmt: skip
             raise
         except Exception as exc:
             counts = self.breaker.classify(exc) if self.breaker is not None else True
-            self._after(permit, lease, success=not counts, duration=time.perf_counter() - started)
+            self._after(permit, lease, success=not counts, duration=time.perf_counter() - started,
+                        once_id=once_id)  # fmt: skip
             return self._failed(task, exc, args, kwargs)
-        self._after(permit, lease, success=True, duration=time.perf_counter() - started)
+        self._after(permit, lease, success=True, duration=time.perf_counter() - started,
+                    once_id=once_id, result=value)  # fmt: skip
         return value
+
+    # -- execute once ----------------------------------------------------------------------
+
+    def _claim(self, task: GuardedTask) -> Claim:
+        """Claim this delivery, or learn that it ran, runs, or was interrupted elsewhere."""
+        assert self.once is not None
+        try:
+            claim = self.once.begin(task.request.id, f"{socket.gethostname()}:{os.getpid()}")
+        except redis.RedisError as exc:
+            error = AlreadyRunning(task.name, 5.0, f"execute-once store unreachable: {exc}")
+            raise self._defer(task, error) from None
+        if claim.action != "running":
+            return claim
+        if claim.age < self.once_window:
+            wait = self.once_window - claim.age
+            error = AlreadyRunning(
+                task.name, wait, f"running on {claim.owner} since {claim.age:.0f} s"
+            )
+            raise self._defer(task, error)
+        reason = (
+            f"interrupted: a delivery began on {claim.owner} {claim.age:.0f} s ago and never "
+            "finished; not run again (execute-once). Check the dependency, then replay"
+        )
+        error = Interrupted(reason)
+        if not task.request.called_directly:
+            task.dead_letter(reason, error)
+        raise error
+
+    def _abandon(self, task_id: str) -> None:
+        assert self.once is not None
+        try:
+            self.once.abandon(task_id)
+        except redis.RedisError:
+            logger.warning("could not release the execute-once claim of %s", task_id, exc_info=True)
 
     def _permit(self, task: GuardedTask) -> Permit | None:
         if self.breaker is None:
@@ -134,10 +199,23 @@ class Guard:
             raise self._defer(task, error) from None
 
     def _after(
-        self, permit: Permit | None, lease: Lease | None, *, success: bool, duration: float
+        self,
+        permit: Permit | None,
+        lease: Lease | None,
+        *,
+        success: bool,
+        duration: float,
+        once_id: str | None = None,
+        result: Any = _NO_RESULT,
     ) -> None:
-        """Book the outcome, free the lease and count the call: one pipelined round trip."""
+        """Book the outcome, free the lease, count the call and settle an execute-once claim:
+        one pipelined round trip."""
         pipe = self.client.pipeline(transaction=False)
+        if once_id is not None and self.once is not None:
+            if result is _NO_RESULT:
+                self.once.queue_abandon(pipe, once_id)
+            else:
+                self.once.queue_finish(pipe, once_id, result)
         record = (
             self.breaker.record_in(pipe, permit, success, duration)
             if permit is not None and self.breaker is not None
@@ -257,6 +335,8 @@ def build_guard(task: GuardedTask, settings: Settings) -> Guard:
         defer_max=r.defer_max if task.defer_max is None else task.defer_max,
         defer_cap=r.defer_max_delay,
         client=policy_redis(),
+        once=ExecuteOnce(policy_redis()) if task.once else None,
+        once_window=settings.scaling.task_time_limit + 1.0,
     )
 
 

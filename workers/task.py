@@ -51,6 +51,10 @@ class ResilientTask(Task):  # type: ignore[misc]
     """A Celery task whose run goes through breaker, bulkhead, degradation and retry policies."""
 
     abstract = True
+    #: No argument check in `apply_async`: a re-send (deferral, retry, dead-letter store
+    #: unreachable) must carry the arguments as they came, even ones that do not fit the
+    #: job (they fail as a permanent error and are dead-lettered, not raised at re-send).
+    typing = False
     #: Names of declared policies (see `workers.registry`); None: not used.
     breaker: str | None = None
     bulkhead: str | None = None
@@ -63,9 +67,13 @@ class ResilientTask(Task):  # type: ignore[misc]
     fallback: Callable[..., Any] | None = None
     #: Deferrals before dead-lettering; None: the settings' BULWARK_DEFER_MAX.
     defer_max: int | None = None
+    #: Not idempotent: run at most once per task id, fleet-wide (`policies.once`). A
+    #: redelivery returns the first run's result; one whose first run was interrupted
+    #: is dead-lettered, not run again.
+    once: bool = False
 
     POLICY_OPTIONS: ClassVar[frozenset[str]] = frozenset(
-        {"breaker", "bulkhead", "service", "budget", "fallback", "defer_max"}
+        {"breaker", "bulkhead", "service", "budget", "fallback", "defer_max", "once"}
     )
 
     @classmethod
@@ -90,6 +98,8 @@ class ResilientTask(Task):  # type: ignore[misc]
         fallback = options.get("fallback")
         if fallback is not None and not callable(fallback):
             raise PolicyConfigError(f"fallback must be callable, got {fallback!r}")
+        if not isinstance(options.get("once", False), bool):
+            raise PolicyConfigError(f"once must be True or False, got {options['once']!r}")
         defer_max = options.get("defer_max")
         if defer_max is not None and (not isinstance(defer_max, int) or defer_max < 0):
             raise PolicyConfigError(f"defer_max must be an int >= 0, got {defer_max!r}")

@@ -19,7 +19,8 @@ from policies.budget import BudgetConfig, RedisBudgetStore, RetryBudget
 from policies.bulkhead import Bulkhead, BulkheadConfig
 from policies.degradation import Degradation, DegradationConfig
 from policies.degradation.store import RedisDegradationStore
-from policies.errors import ServiceDegraded
+from policies.errors import Interrupted, ServiceDegraded
+from policies.once import ExecuteOnce
 from policies.retry import RetryPolicy
 from tests.kit import poll
 from workers.guard import ATTEMPT_HEADER, DEFERRALS_HEADER, Guard, jittered
@@ -47,6 +48,7 @@ class FakeTask:
     service: str | None = None
     budget: str | None = None
     defer_max: int | None = None
+    once: bool = False
     rescheduled: list[tuple[float, str, bool]] = field(default_factory=list)
     dead: list[str] = field(default_factory=list)
 
@@ -226,3 +228,64 @@ class TestJitter:
 
     def test_it_spreads(self) -> None:
         assert len({jittered(10.0, 60.0) for _ in range(50)}) > 40
+
+
+class TestExecuteOnce:
+    """A task declared `once` runs at most once per task id, fleet-wide."""
+
+    @staticmethod
+    def once_guard(r: redis.Redis, **parts: Any) -> Guard:
+        return guard(r, once=ExecuteOnce(r), once_window=10.0, **parts)
+
+    def test_a_second_delivery_returns_the_first_result(self, r: redis.Redis) -> None:
+        calls: list[int] = []
+        body = lambda: calls.append(1) or {"receipt": len(calls)}  # noqa: E731
+        first, second = FakeTask(body=body, once=True), FakeTask(body=body, once=True)
+        assert self.once_guard(r).run(first, (), {}) == {"receipt": 1}
+        assert self.once_guard(r).run(second, (), {}) == {"receipt": 1}
+        assert calls == [1], "the body ran once"
+
+    def test_a_failed_body_may_run_again(self, r: redis.Redis) -> None:
+        outcomes = iter([ConnectionError("down"), "ok"])
+
+        def body() -> str:
+            outcome = next(outcomes)
+            if isinstance(outcome, Exception):
+                raise outcome
+            return outcome
+
+        with pytest.raises(Retry):
+            self.once_guard(r).run(FakeTask(body=body, once=True), (), {})
+        assert self.once_guard(r).run(FakeTask(body=body, once=True), (), {}) == "ok"
+
+    def test_refused_before_the_body_leaves_no_claim(self, r: redis.Redis) -> None:
+        full = Bulkhead("pay", r, BulkheadConfig(limit=1))
+        holder = full.try_acquire(renew=False)
+        with pytest.raises(Retry):
+            self.once_guard(r, bulkhead=full).run(FakeTask(body=lambda: "x", once=True), (), {})
+        holder.release()
+        assert (
+            self.once_guard(r, bulkhead=full).run(FakeTask(body=lambda: "ran", once=True), (), {})
+            == "ran"
+        )
+
+    def test_running_elsewhere_defers_then_interrupted_dead_letters(self, r: redis.Redis) -> None:
+        ExecuteOnce(r).begin("t-1", owner="other:1")  # a delivery that never finishes
+        task = FakeTask(body=lambda: pytest.fail("must not run"), once=True)
+        with pytest.raises(Retry):
+            self.once_guard(r).run(task, (), {})
+        ((countdown, reason, deferral),) = task.rescheduled
+        assert deferral and 0 < countdown <= 11.0 and "running on other:1" in reason
+        later = FakeTask(body=lambda: pytest.fail("must not run"), once=True)
+        with pytest.raises(Interrupted):
+            guard(r, once=ExecuteOnce(r), once_window=0.0).run(later, (), {})
+        (letter,) = later.dead
+        assert letter.startswith("interrupted: a delivery began on other:1")
+
+    def test_an_unreachable_store_defers(self, r: redis.Redis) -> None:
+        gone = redis.Redis(port=1, socket_connect_timeout=0.2, retry=None)
+        task = FakeTask(body=lambda: pytest.fail("must not run"), once=True)
+        with pytest.raises(Retry):
+            guard(r, once=ExecuteOnce(gone)).run(task, (), {})
+        ((_countdown, reason, deferral),) = task.rescheduled
+        assert deferral and "execute-once store unreachable" in reason

@@ -34,7 +34,7 @@ def policy_redis() -> Iterator[EmbeddedRedis]:
 def split(
     redis_url: str, policy_redis: EmbeddedRedis, tmp_path: Path
 ) -> Iterator[tuple[Worker, Celery]]:
-    """A payments worker whose policies live on `policy_redis`, and a client for it;
+    """A worker (payments, inventory) whose policies live on `policy_redis`, and a client;
     the broker and the results stay on the session server."""
     apart = {"CELERY_BROKER_URL": redis_url, "CELERY_RESULT_BACKEND": redis_url}
     fast = {
@@ -45,8 +45,8 @@ def split(
     }
     worker = Worker(
         policy_redis.url,
-        ["payments"],
-        name="payments",
+        ["payments", "inventory"],
+        name="split",
         env={**apart, **fast},
         log=tmp_path / "worker.log",
     ).start()
@@ -59,63 +59,47 @@ class TestPolicyRedisOutage:
     """Tasks keep running on local policy state while Redis is down; shared state returns."""
 
     def test_tasks_go_on_and_state_resyncs(
-        self, r: redis.Redis, redis_url: str, policy_redis: EmbeddedRedis, tmp_path: Path
+        self, r: redis.Redis, policy_redis: EmbeddedRedis, split: tuple[Worker, Celery]
     ) -> None:
-        worker = Worker(
-            policy_redis.url,
-            ["payments"],
-            name="payments",
-            env={"CELERY_BROKER_URL": redis_url, "CELERY_RESULT_BACKEND": redis_url},
-            log=tmp_path / "worker.log",
-        ).start()
-        try:
-            from workers.client import client
-            from workers.settings import Settings
+        worker, app = split
 
-            app = client(
-                Settings.from_env({"REDIS_URL": policy_redis.url, "CELERY_BROKER_URL": redis_url,
-                                   "CELERY_RESULT_BACKEND": redis_url})
-            )  # fmt: skip
+        def reserve(sku: str) -> dict[str, str]:
+            return app.send_task("inventory.reserve", args=[sku, 1]).get(timeout=30)  # type: ignore[no-any-return]
 
-            def charge(order: str) -> dict[str, str]:
-                return app.send_task("payments.charge", args=[order, 100]).get(timeout=30)
+        assert reserve("before")["sku"] == "before"
+        shared = redis.Redis.from_url(policy_redis.url)
+        assert [b.name for b in list_breakers(shared)] == ["inventory"]
 
-            assert charge("before")["order_id"] == "before"
-            shared = redis.Redis.from_url(policy_redis.url)
-            assert [b.name for b in list_breakers(shared)] == ["payments"]
+        policy_redis.kill()
+        during = [reserve(f"during-{i}") for i in range(5)]
+        assert [d["sku"] for d in during] == [f"during-{i}" for i in range(5)]
 
-            policy_redis.kill()
-            during = [charge(f"during-{i}") for i in range(5)]
-            assert [d["order_id"] for d in during] == [f"during-{i}" for i in range(5)]
+        policy_redis.restart()
+        assert list_breakers(shared) == [], "a restarted Redis without persistence is empty"
 
-            policy_redis.restart()
-            assert list_breakers(shared) == [], "a restarted Redis without persistence is empty"
+        def resynced() -> bool:
+            reserve("after")
+            return any(b.name == "inventory" and b.window_calls for b in list_breakers(shared))
 
-            def resynced() -> bool:
-                charge("after")
-                return any(b.name == "payments" and b.window_calls for b in list_breakers(shared))
-
-            poll(resynced, deadline=30, every=0.2, what="breaker state back in Redis")
-            log = (tmp_path / "worker.log").read_text()
-            assert "Redis unreachable" in log
-            assert "Redis reachable again" in log
-        finally:
-            worker.stop()
+        poll(resynced, deadline=30, every=0.2, what="breaker state back in Redis")
+        log = worker.log.read_text()
+        assert "Redis unreachable" in log
+        assert "Redis reachable again" in log
 
     def test_the_local_breaker_protects_the_dependency(
         self, r: redis.Redis, policy_redis: EmbeddedRedis, split: tuple[Worker, Celery]
     ) -> None:
         worker, app = split
-        assert app.send_task("payments.charge", args=["warm", 100]).get(timeout=30)
+        assert app.send_task("inventory.reserve", args=["warm", 1]).get(timeout=30)
         url = wait_address(redis.Redis.from_url(policy_redis.url), worker.hostname)["url"]
         policy_redis.kill()
-        gateway = dependency("payments")  # on the broker's Redis, which stays up
+        gateway = dependency("inventory")  # on the broker's Redis, which stays up
         gateway.set_outage(120)
         before = gateway.calls()
-        results = [app.send_task("payments.charge", args=[f"o{i}", 100]) for i in range(12)]
+        results = [app.send_task("inventory.reserve", args=[f"s{i}", 1]) for i in range(12)]
 
         def refusing() -> float:
-            return sample(scrape(url), "bulwark_breaker_rejections_total", breaker="payments")
+            return sample(scrape(url), "bulwark_breaker_rejections_total", breaker="inventory")
 
         poll(lambda: refusing() >= 4, deadline=30, what="the local breakers refusing calls")
         # Each prefork child trips its own local breaker after 5 consecutive failures:
@@ -130,7 +114,7 @@ class TestPolicyRedisOutage:
     ) -> None:
         worker, app = split
         policy_redis.kill()
-        bad = app.send_task("payments.charge", args=["o-bad", 0])  # permanent: dead-letter it
+        bad = app.send_task("inventory.reserve", args=["o-bad"])  # TypeError: dead-letter it
         poll(
             lambda: "dead-letter store unreachable" in worker.log.read_text(),
             deadline=30,
@@ -141,5 +125,17 @@ class TestPolicyRedisOutage:
         policy_redis.restart()
         store = DeadLetterStore(redis.Redis.from_url(policy_redis.url))
         (letter,) = poll(store.latest, deadline=30, what="the dead letter, once the store is back")
-        assert (letter.task_id, letter.args) == (bad.id, ["o-bad", 0])
+        assert (letter.task_id, letter.args) == (bad.id, ["o-bad"])
         assert "permanent" in letter.reason
+
+    def test_a_once_task_waits_for_its_store(
+        self, r: redis.Redis, policy_redis: EmbeddedRedis, split: tuple[Worker, Celery]
+    ) -> None:
+        _worker, app = split
+        policy_redis.kill()
+        charge = app.send_task("payments.charge", args=["o-1", 100])
+        poll(lambda: charge.state == "RETRY", deadline=30, what="the charge deferred")
+        assert dependency("payments").calls() == 0, "not run without its execute-once record"
+        policy_redis.restart()
+        assert charge.get(timeout=30)["order_id"] == "o-1"
+        assert dependency("payments").calls() == 1

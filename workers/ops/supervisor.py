@@ -1,8 +1,10 @@
-"""`bulwark up`: run the processes of the Procfile with honcho, on an embedded Redis if needed.
+"""`bulwark up`: run the processes of the Procfile, on an embedded Redis if needed.
 
+A process that exits on its own is restarted with a back-off, and a crash loop
+is reported (`workers.ops.manager`); the rest of the fleet keeps running.
 Ctrl-C (or SIGTERM) reaches this supervisor only (every child runs in its own
-session); honcho sends SIGTERM to each child's process group, SIGKILL after
-5 s, and the embedded Redis stops last, its folder removed.
+session); it sends SIGTERM to each child's process group, SIGKILL after 5 s, and
+the embedded Redis stops last, its folder removed.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from honcho.environ import parse_procfile
-from honcho.manager import Manager
 
 from workers.ops.embedded import EmbeddedRedis
+from workers.ops.manager import SupervisedManager
 from workers.resources import redact_url, wait_for_redis
 from workers.settings import Settings
 
@@ -140,12 +142,16 @@ def up(
         fleet = plan(settings, procfile, only=only, without=without)
         fleet.env["REDIS_URL"] = redis_url
         fleet.env["BULWARK_STATE_DIR"] = str(state_dir)
+        # Temporary files of the processes live in the state dir too: what a killed
+        # process could not clean up is removed with it.
+        (state_dir / "tmp").mkdir()
+        fleet.env["TMPDIR"] = str(state_dir / "tmp")
         fleet.env.setdefault("BULWARK_METRICS_DIR", str(state_dir / "metrics"))
         print(
             banner(fleet, redis_url, embedded is not None, settings.security.flower_port),
             flush=True,
         )
-        manager = Manager()
+        manager = SupervisedManager(redis_url=redis_url)
         for name, cmd in fleet.processes.items():
             manager.add_process(name, cmd, env=fleet.env, cwd=str(procfile.resolve().parent))
         manager.loop()

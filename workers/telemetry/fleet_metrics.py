@@ -11,6 +11,8 @@
 - bulwark_degradation_level{service}: 0 full, 1 degraded, 2 minimal, 3 offline
 - bulwark_deadletters_kept (now), bulwark_deadletters_total (ever)
 - bulwark_workers: workers with a live heartbeat
+- bulwark_process_restarts{process}, bulwark_process_crash_looping{process}:
+  what `bulwark up`'s supervisor restarted
 - bulwark_health_status{check}: 0 healthy, 1 degraded, 2 unhealthy;
   bulwark_health_check_latency_seconds{check}; bulwark_health_last_run_timestamp_seconds
 
@@ -93,6 +95,18 @@ def fleet_families(snap: FleetSnapshot) -> Iterator[Any]:
     total.add_metric([], float(snap.deadletters_total))
     yield total
     yield _gauge("bulwark_workers", "Workers with a live heartbeat", [], [(len(snap.workers),)])
+    yield _gauge(
+        "bulwark_process_restarts",
+        "Times a supervisor restarted this process after it exited",
+        ["process"],
+        ((p.process, p.restarts) for p in snap.processes),
+    )
+    yield _gauge(
+        "bulwark_process_crash_looping",
+        "1 while the process crashes again and again",
+        ["process"],
+        ((p.process, int(p.crash_looping)) for p in snap.processes),
+    )
     results = snap.health.values()
     yield _gauge(
         "bulwark_health_status",

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import sys
 from datetime import UTC, datetime
 from typing import Any
@@ -32,6 +31,7 @@ from celery._state import get_current_task
 from opentelemetry import trace
 
 from workers.settings import SettingsError, get_settings
+from workers.telemetry.redact import MASK, SECRET_KEY, redact
 
 __all__ = [
     "JsonFormatter",
@@ -43,47 +43,24 @@ __all__ = [
     "redact_value",
 ]
 
-MASK = "***"
-
-#: Key names whose values are secrets (matched anywhere in the key, case-insensitive).
-SECRET_KEY = re.compile(
-    r"passw(?:or)?d|pwd|secret|token|authori[sz]ation|api[_-]?key|private[_-]?key|credential|cookie",
-    re.IGNORECASE,
-)
-_KEY = SECRET_KEY.pattern
-# `scheme://user:password@` -> `scheme://user:***@`
-_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)[^@\s]+(?P<tail>@)")
-# `"password": "x"`, `'token': 'x'`, `password='x'` (quoted values)
-_QUOTED = re.compile(
-    rf"(?P<head>[\"']?[\w-]*(?:{_KEY})[\w-]*[\"']?\s*[:=]\s*)(?P<q>[\"'])(?:\\.|(?!(?P=q)).)*(?P=q)",
-    re.IGNORECASE,
-)
-# `Authorization: Bearer x`, `token=x`, `api_key: x` (bare values, up to a delimiter)
-_BARE = re.compile(
-    rf"(?P<head>\b[\w-]*(?:{_KEY})[\w-]*\s*[:=]\s*)(?!\*\*\*)(?P<value>(?:(?:bearer|basic|token)\s+)?[^\s,;&\"'}})\]]+)",
-    re.IGNORECASE,
-)
+#: Nesting below this depth is not written out (hostile input may nest without end).
+MAX_DEPTH = 20
 
 
-def redact(text: str) -> str:
-    """`text` with URL passwords and the values of secret-named keys masked."""
-    text = _URL_PASSWORD.sub(rf"\g<head>{MASK}\g<tail>", text)
-    text = _QUOTED.sub(rf"\g<head>\g<q>{MASK}\g<q>", text)
-    return _BARE.sub(rf"\g<head>{MASK}", text)
-
-
-def redact_value(value: Any, key: str | None = None) -> Any:
+def redact_value(value: Any, key: str | None = None, depth: int = 0) -> Any:
     """A JSON-ready copy of `value` with secrets masked (by key name, and inside strings)."""
-    if key is not None and SECRET_KEY.search(key) and value is not None:
+    if key is not None and value is not None and len(key) <= 256 and SECRET_KEY.search(key):
         return MASK
     if isinstance(value, str):
         return redact(value)
-    if isinstance(value, dict):
-        return {str(k): redact_value(v, str(k)) for k, v in value.items()}
-    if isinstance(value, list | tuple | set | frozenset):
-        return [redact_value(v) for v in value]
     if value is None or isinstance(value, bool | int | float):
         return value
+    if depth >= MAX_DEPTH:
+        return "<nested too deeply>"
+    if isinstance(value, dict):
+        return {redact(str(k)): redact_value(v, str(k), depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [redact_value(v, None, depth + 1) for v in value]
     return redact(str(value))
 
 

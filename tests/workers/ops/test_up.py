@@ -16,8 +16,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import redis
 
 from tests.kit import ROOT, child_env, poll
+from workers.client import client
+from workers.fleet import heartbeat_key
+from workers.settings import Settings
 
 pytestmark = pytest.mark.integration
 
@@ -105,6 +109,26 @@ class TestUp:
             assert http_get(f"http://127.0.0.1:{port}/api/tasks", auth=(auth[0], "wrong"))[0] == 401
             children = {int(p) for p in re.findall(r"started \(pid=(\d+)\)", output())}
             assert len(children) == 6, output()
+
+            # SIGKILL one worker: the supervisor restarts it, nothing else stops.
+            broker = redis.Redis.from_url(f"redis://127.0.0.1:{redis_port}/0")
+            beat = heartbeat_key(f"payments@{socket.gethostname()}")
+            killed = json.loads(broker.get(beat) or "{}")["pid"]
+            os.kill(killed, signal.SIGKILL)
+            poll(
+                lambda: (raw := broker.get(beat)) and json.loads(raw)["pid"] != killed,
+                deadline=60,
+                what="the payments worker back, with a new pid",
+            )
+            starts = re.findall(r"system\s*\| (\w+) started \(pid=\d+\)", output())
+            assert sorted(starts).count("worker_payments") == 2, output()
+            assert len(starts) == 7, "the other five never stopped"
+            assert re.search(r"worker_payments exited \(rc=-?\d+\); restarting in", output())
+            children = {int(p) for p in re.findall(r"started \(pid=(\d+)\)", output())}
+            settings = Settings.from_env({"REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"})
+            charged = client(settings).send_task("payments.charge", args=["after-restart", 100])
+            # The demo's gateway may be in one of its outages: the charge waits it out.
+            assert charged.get(timeout=90)["order_id"] == "after-restart"
         finally:
             os.kill(up.pid, signal.SIGINT)
             started = time.monotonic()

@@ -85,6 +85,25 @@ class BreakerOpen:
 
 
 @dataclass(frozen=True, slots=True)
+class ProcessCrashLoop:
+    """A supervised process that keeps crashing -> critical (the rest of the fleet runs on)."""
+
+    def __call__(self, obs: Observation) -> Iterator[Condition]:
+        for p in obs.fleet.processes:
+            if p.crash_looping:
+                yield Condition(
+                    name="ProcessCrashLoop",
+                    service=p.process,
+                    severity="critical",
+                    message=(
+                        f"process {p.process} on {p.host} is crash-looping "
+                        f"({p.restarts} restarts, last exit code {p.last_exit})"
+                    ),
+                    labels={"process": p.process, "host": p.host},
+                )
+
+
+@dataclass(frozen=True, slots=True)
 class QueueBacklog:
     """More than `threshold` messages waiting in a queue -> warning."""
 
