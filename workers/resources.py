@@ -89,12 +89,22 @@ def wait_for_redis(url: str, deadline: float = CONNECT_DEADLINE) -> redis.Redis:
         try:
             client.ping()
             return client
+        except redis.AuthenticationError as exc:
+            client.close()
+            raise RedisUnavailable(
+                f"Redis at {redact_url(url)} refused the credentials: {exc}. "
+                "Fix the user or password in the URL."
+            ) from None
+        except redis.ResponseError as exc:  # NOAUTH and the like: asking again will not help
+            client.close()
+            raise RedisUnavailable(f"Redis at {redact_url(url)} refused PING: {exc}") from None
         except redis.RedisError as exc:
             last = exc
             time.sleep(0.05)
     client.close()
     raise RedisUnavailable(
-        f"cannot reach Redis at {redact_url(url)} within {deadline:g} s: {last}. "
+        f"cannot reach Redis at {redact_url(url)} within {deadline:g} s: "
+        f"{str(last).rstrip('.')}. "
         "Start Redis there, fix REDIS_URL, or unset it to use an embedded redis-server."
     )
 

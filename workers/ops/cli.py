@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+import redis
 
 from policies.errors import PolicyConfigError
 from workers.app import app
 from workers.ops import alerts, deadletters, status
 from workers.ops.status import FleetUnreadable
-from workers.ops.supervisor import proc, up
-from workers.resources import RedisUnavailable, policy
+from workers.ops.supervisor import ProcfileError, proc, up
+from workers.resources import RedisUnavailable, policy, wait_for_redis
 from workers.settings import SettingsError, describe, get_settings
+from workers.telemetry.redact import redact
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
@@ -53,10 +57,20 @@ BREAKER_ACTIONS = {
 }
 
 
+class NotApplied(RuntimeError):
+    """A change that did not reach Redis: it must not be reported as done."""
+
+
 def _cmd_breaker(args: argparse.Namespace) -> int:
     _load_catalogue()
     breaker = policy("breaker", args.name)
     state = getattr(breaker, BREAKER_ACTIONS[args.action])()
+    shared = breaker.snapshot()
+    if shared.source != "redis" or shared.state != state:
+        raise NotApplied(
+            f"breaker {args.name}: the change did not reach Redis (it reads {shared.state} "
+            f"from {shared.source}); nothing was changed for the fleet"
+        )
     print(f"breaker {args.name}: {state}")
     return 0
 
@@ -65,8 +79,18 @@ def _cmd_degrade(args: argparse.Namespace) -> int:
     _load_catalogue()
     service = policy("service", args.service)
     state = service.set_level(args.level, args.reason)
+    if state.source_store != "redis":
+        raise NotApplied(
+            f"service {args.service}: the change did not reach Redis; nothing was changed "
+            "for the fleet"
+        )
     print(f"service {args.service}: {state.from_level} -> {state.level} ({state.reason})")
     return 0
+
+
+def _reachable() -> None:
+    """Fail now, naming the problem, if the policies' Redis does not answer."""
+    wait_for_redis(get_settings().redis_url, deadline=2.0).close()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,13 +132,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXPECTED = (
+    SettingsError,
+    RedisUnavailable,
+    PolicyConfigError,
+    FleetUnreadable,
+    NotApplied,
+    ProcfileError,
+)
+
+
+#: Commands that read or change the fleet's state in Redis: Redis is checked first.
+NEEDS_REDIS = frozenset({"status", "health", "breaker", "degrade", "alerts", "deadletter"})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command in NEEDS_REDIS:
+            _reachable()
         return int(args.func(args))
-    except (SettingsError, RedisUnavailable, PolicyConfigError, FleetUnreadable) as exc:
-        print(f"bulwark: {exc}", file=sys.stderr)
-        return 2
+    except EXPECTED as exc:
+        return _fail(str(exc))
+    except redis.RedisError as exc:
+        return _fail(f"Redis error: {type(exc).__name__}: {exc}")
+    except BrokenPipeError:
+        # `bulwark ... | head`: the reader left. Say nothing more, and write nothing more.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+
+
+def _fail(message: str) -> int:
+    print(f"bulwark: {redact(message)}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -49,9 +49,13 @@ class EmbeddedRedis:
     supervisor, which stops the server after everything that uses it.
     """
 
-    def __init__(self, *, appendonly: bool = False, binary: str | None = None) -> None:
+    def __init__(
+        self, *, appendonly: bool = False, binary: str | None = None, password: str | None = None
+    ) -> None:
         self.binary = binary or find_redis_server()
         self.appendonly = appendonly
+        #: If set, clients must authenticate (`url` carries it).
+        self.password = password
         self.port = 0
         self.dir: Path | None = None
         self.process: subprocess.Popen[bytes] | None = None
@@ -60,7 +64,8 @@ class EmbeddedRedis:
     def url(self) -> str:
         if not self.port:
             raise RuntimeError("embedded redis is not started")
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, deadline: float = 10.0) -> EmbeddedRedis:
         self.dir = Path(tempfile.mkdtemp(prefix="bulwark-redis-"))
@@ -98,6 +103,7 @@ class EmbeddedRedis:
             "--appendonly", "yes" if self.appendonly else "no",
             "--logfile", str(self.dir / "redis.log"),
             "--daemonize", "no",
+            *(["--requirepass", self.password] if self.password else []),
         ]  # fmt: skip
 
     def stop(self, *, remove_dir: bool = True, timeout: float = 5.0) -> None:

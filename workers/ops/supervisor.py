@@ -37,9 +37,26 @@ class Fleet:
     flower_password_generated: bool
 
 
+class ProcfileError(RuntimeError):
+    """The Procfile is missing, unreadable, or does not name the process asked for."""
+
+
 def read_procfile(path: Path) -> dict[str, str]:
-    procfile = parse_procfile(path.read_text("utf-8"))
-    return dict(procfile.processes)
+    try:
+        text = path.read_text("utf-8")
+    except FileNotFoundError:
+        raise ProcfileError(
+            f"no Procfile at {path}: run bulwark from the repository, or pass --procfile PATH"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ProcfileError(f"cannot read the Procfile at {path}: {exc}") from None
+    try:
+        processes = dict(parse_procfile(text).processes)
+    except Exception as exc:  # honcho's parser raises plain errors on bad lines
+        raise ProcfileError(f"the Procfile at {path} does not parse: {exc}") from None
+    if not processes:
+        raise ProcfileError(f"the Procfile at {path} names no process")
+    return processes
 
 
 def select(
@@ -48,9 +65,8 @@ def select(
     only, without = list(only), list(without)
     unknown = sorted((set(only) | set(without)) - set(processes))
     if unknown:
-        raise SystemExit(
-            f"bulwark up: unknown process {', '.join(unknown)}; the Procfile has "
-            + ", ".join(processes)
+        raise ProcfileError(
+            f"unknown process {', '.join(unknown)}; the Procfile has " + ", ".join(processes)
         )
     return {n: c for n, c in processes.items() if (not only or n in only) and n not in without}
 
@@ -62,8 +78,8 @@ def proc(settings: Settings, procfile: Path, name: str) -> None:
     if "FLOWER_BASIC_AUTH" not in env:
         password = settings.security.flower_password
         if name == "flower" and password is None:
-            raise SystemExit(
-                "bulwark proc flower: set BULWARK_FLOWER_PASSWORD (or FLOWER_BASIC_AUTH); "
+            raise ProcfileError(
+                "proc flower: set BULWARK_FLOWER_PASSWORD (or FLOWER_BASIC_AUTH); "
                 "Flower never runs without basic auth"
             )
         if password is not None:
@@ -133,13 +149,13 @@ def up(
     embedded: EmbeddedRedis | None = None
     state_dir = Path(tempfile.mkdtemp(prefix="bulwark-state-"))
     try:
+        fleet = plan(settings, procfile, only=only, without=without)  # the Procfile first
         redis_url = os.environ.get("REDIS_URL", "")
         if redis_url:
             wait_for_redis(redis_url).close()
         else:
             embedded = EmbeddedRedis().start()
             redis_url = embedded.url
-        fleet = plan(settings, procfile, only=only, without=without)
         fleet.env["REDIS_URL"] = redis_url
         fleet.env["BULWARK_STATE_DIR"] = str(state_dir)
         # Temporary files of the processes live in the state dir too: what a killed

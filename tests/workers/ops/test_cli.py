@@ -7,6 +7,9 @@ import contextlib
 import io
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import redis
@@ -14,11 +17,12 @@ import redis
 from policies.deadletter import DeadLetterStore
 from tasks.dependencies import dependency
 from tests.conftest import StartWorker
-from tests.kit import ROOT, poll
+from tests.kit import ROOT, child_env, poll
 from workers.client import client
 from workers.fleet import WORKERS_INDEX, heartbeat_key, read_fleet
 from workers.ops.cli import main as bulwark
-from workers.ops.supervisor import proc
+from workers.ops.embedded import EmbeddedRedis
+from workers.ops.supervisor import ProcfileError, proc
 from workers.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -138,6 +142,64 @@ class TestProcFlower:
             raise AssertionError(f"Flower was started: {args}")
 
         monkeypatch.setattr(os, "execvpe", never)
-        with pytest.raises(SystemExit) as refused:
+        with pytest.raises(ProcfileError) as refused:
             proc(Settings.from_env({}), ROOT / "Procfile", "flower")
         assert "set BULWARK_FLOWER_PASSWORD (or FLOWER_BASIC_AUTH)" in str(refused.value)
+
+
+COMMANDS = [
+    ["status"],
+    ["status", "--json"],
+    ["health"],
+    ["breaker", "open", "payments"],
+    ["degrade", "payments", "offline"],
+    ["deadletter", "list"],
+    ["alerts", "list"],
+]
+
+
+class TestHonestFailures:
+    """Redis unreachable or the password wrong: one line naming it, non-zero, nothing done."""
+
+    @pytest.mark.parametrize("args", COMMANDS, ids=" ".join)
+    def test_unreachable_redis(
+        self, args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        monkeypatch.setenv("REDIS_URL", "redis://:s3cret@127.0.0.1:1/0")
+        assert bulwark(args) == 2
+        out, err = capsys.readouterr()
+        assert out == ""
+        assert err.count("\n") == 1, err
+        assert err.startswith("bulwark: cannot reach Redis at redis://:***@127.0.0.1:1/0")
+        assert "s3cret" not in err
+
+    def test_wrong_password(
+        self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        with EmbeddedRedis(password="right") as server:
+            monkeypatch.setenv("REDIS_URL", server.url.replace(":right@", ":wrong@"))
+            assert bulwark(["degrade", "payments", "offline"]) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and "refused the credentials" in err, err
+            assert "wrong" not in err
+            level = redis.Redis.from_url(server.url).keys("bulwark:*")
+            assert level == [], "nothing was written"
+
+    def test_missing_procfile_and_unknown_process(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        assert bulwark(["up", "--procfile", str(tmp_path / "Procfile")]) == 2
+        assert "no Procfile at" in capsys.readouterr().err
+        assert bulwark(["proc", "nosuch", "--procfile", str(ROOT / "Procfile")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("bulwark: unknown process nosuch; the Procfile has worker_payments")
+
+    def test_a_closed_pipe_is_quiet(self, redis_url: str) -> None:
+        done = subprocess.run(
+            f"{sys.executable} -m workers.ops.cli settings | head -1",
+            shell=True, capture_output=True, text=True, cwd=ROOT,
+            env=child_env(redis_url),
+        )  # fmt: skip
+        assert done.returncode == 0
+        assert done.stdout.count("\n") == 1
+        assert done.stderr == "", done.stderr

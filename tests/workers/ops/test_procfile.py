@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from tests.kit import ROOT, need
-from workers.ops.supervisor import read_procfile, select
+from workers.ops.supervisor import ProcfileError, read_procfile, select
 
 PROCFILE = ROOT / "Procfile"
 COMPOSE = (ROOT / "docker-compose.yml").read_text()
@@ -47,7 +47,7 @@ def test_flower_credentials_never_on_the_command_line() -> None:
 
 
 def test_unknown_process_is_named() -> None:
-    with pytest.raises(SystemExit, match="unknown process nope"):
+    with pytest.raises(ProcfileError, match="unknown process nope"):
         select(read_procfile(PROCFILE), ["nope"], [])
 
 
