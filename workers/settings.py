@@ -8,7 +8,9 @@ Nothing is read at import: call `Settings.from_env()` (or `get_settings()`).
 
 from __future__ import annotations
 
+import difflib
 import functools
+import logging
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping
@@ -51,6 +53,16 @@ def _int(minimum: int) -> Parser:
         return value
 
     return Parser(parse, f"a whole number >= {minimum}")
+
+
+def _port(minimum: int = 1) -> Parser:
+    def parse(raw: str) -> int:
+        value = int(raw.strip())
+        if not minimum <= value <= 65535:
+            raise ValueError
+        return value
+
+    return Parser(parse, f"a TCP port from {minimum} to 65535")
 
 
 def _seconds(minimum: float = 0.0, *, inclusive: bool = False) -> Parser:
@@ -268,7 +280,7 @@ class ObservabilitySettings:
     alert_smtp_host: str | None = setting(
         "BULWARK_ALERT_SMTP_HOST", _text(), None, "SMTP server for alert email (unset: no email)"
     )
-    alert_smtp_port: int = setting("BULWARK_ALERT_SMTP_PORT", _int(1), 25, "SMTP port")
+    alert_smtp_port: int = setting("BULWARK_ALERT_SMTP_PORT", _port(), 25, "SMTP port")
     alert_smtp_starttls: bool = setting(
         "BULWARK_ALERT_SMTP_STARTTLS", _bool(), False, "upgrade the SMTP connection with STARTTLS"
     )
@@ -312,7 +324,7 @@ class ObservabilitySettings:
     )
     http_port: int = setting(
         "BULWARK_HTTP_PORT",
-        _int(0),
+        _port(0),
         0,
         "port of that server (0: a free port, advertised in Redis; the Procfile sets one each)",
     )
@@ -348,7 +360,7 @@ class SecuritySettings:
         "Flower basic-auth password (generated and printed by `bulwark up` if unset)",
         secret=True,
     )
-    flower_port: int = setting("BULWARK_FLOWER_PORT", _int(1), 5555, "Flower port on 127.0.0.1")
+    flower_port: int = setting("BULWARK_FLOWER_PORT", _port(), 5555, "Flower port on 127.0.0.1")
     alert_webhook_secret: str | None = setting(
         "BULWARK_ALERT_WEBHOOK_SECRET",
         _text(),
@@ -509,9 +521,37 @@ def _read(cls: type, env: Mapping[str, str], problems: list[str]) -> dict[str, A
         try:
             values[f.name] = parser.parse(raw)
         except ValueError:
-            shown = "<secret>" if f.metadata["secret"] else repr(raw)
+            shown = "<secret>" if f.metadata["secret"] else _shown(raw)
             problems.append(f"{name}={shown}: expected {parser.accepts}")
     return values
+
+
+def _shown(raw: str) -> str:
+    """A bad value as the error shows it: quoted, and clipped if long."""
+    return repr(raw) if len(raw) <= 80 else repr(raw[:77]) + f"... ({len(raw)} characters)"
+
+
+#: BULWARK_* variables read outside `Settings` (the demo, the supervisor's state folder).
+OTHER_VARIABLES = frozenset(
+    {"BULWARK_DEMO_RATE", "BULWARK_DEMO_HEALTHY", "BULWARK_DEMO_OUTAGE", "BULWARK_STATE_DIR"}
+)
+
+
+def known_variables() -> frozenset[str]:
+    """Every BULWARK_* variable Bulwark reads."""
+    return frozenset(env for _group, env, *_ in describe()) | OTHER_VARIABLES
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """A warning for each BULWARK_* variable Bulwark does not read, naming the closest one."""
+    known = known_variables()
+    warnings = []
+    for name in sorted(n for n in environ if n.startswith("BULWARK_") and n not in known):
+        tails = {k.removeprefix("BULWARK_"): k for k in known}
+        close = difflib.get_close_matches(name.removeprefix("BULWARK_"), sorted(tails), 1, 0.7)
+        hint = f"; did you mean {tails[close[0]]}?" if close else ""
+        warnings.append(f"{_shown(name)[1:-1]} is not a Bulwark setting and is ignored{hint}")
+    return warnings
 
 
 def describe() -> Iterator[tuple[str, str, str, str, str]]:
@@ -539,5 +579,12 @@ def describe() -> Iterator[tuple[str, str, str, str, str]]:
 
 @functools.cache
 def get_settings() -> Settings:
-    """The process-wide settings, read once from the environment on first use."""
-    return Settings.from_env()
+    """The process-wide settings, read once from the environment on first use.
+
+    A BULWARK_* variable that Bulwark does not read is logged as a warning then,
+    naming the closest known one (a typo would otherwise be ignored in silence).
+    """
+    settings = Settings.from_env()
+    for warning in unknown_variables(os.environ):
+        logging.getLogger("workers.settings").warning(warning)
+    return settings

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from workers.settings import Settings, SettingsError, describe
+from workers.settings import Settings, SettingsError, describe, get_settings, unknown_variables
 
 
 class TestDefaults:
@@ -95,3 +95,37 @@ def test_every_setting_is_described() -> None:
     assert len(names) == len(set(names))
     assert "BULWARK_BREAKER_FAILURE_THRESHOLD" in names
     assert all(row[3] for row in rows), "every setting says what it accepts"
+
+
+class TestHostileSettings:
+    """Ports are ports, long bad values are clipped, unknown variables are named."""
+
+    @pytest.mark.parametrize("port", ["0", "65536", "-1", "99999999999999999999"])
+    def test_ports_are_checked(self, port: str) -> None:
+        with pytest.raises(SettingsError, match=r"BULWARK_FLOWER_PORT.*a TCP port from 1 to 65535"):
+            Settings.from_env({"BULWARK_FLOWER_PORT": port})
+        assert Settings.from_env({"BULWARK_HTTP_PORT": "0"}).observability.http_port == 0
+
+    def test_a_long_bad_value_is_clipped(self) -> None:
+        with pytest.raises(SettingsError) as bad:
+            Settings.from_env({"BULWARK_DEFER_MAX": "x" * 100_000})
+        assert "(100000 characters)" in str(bad.value) and len(str(bad.value)) < 400
+
+    def test_unknown_variables_name_the_closest(self) -> None:
+        found = unknown_variables(
+            {"BULWARK_BREAKER_TIMOUT": "3", "BULWARK_NOTHING_LIKE_IT": "1", "BULWARK_QUEUES": "a"}
+        )
+        assert found == [
+            "BULWARK_BREAKER_TIMOUT is not a Bulwark setting and is ignored; "
+            "did you mean BULWARK_BREAKER_TIMEOUT?",
+            "BULWARK_NOTHING_LIKE_IT is not a Bulwark setting and is ignored",
+        ]
+
+    def test_get_settings_warns_at_start(
+        self, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        monkeypatch.setenv("BULWARK_DEFER_MAXX", "3")
+        get_settings.cache_clear()
+        with caplog.at_level("WARNING", logger="workers.settings"):
+            get_settings()
+        assert "did you mean BULWARK_DEFER_MAX?" in caplog.text
