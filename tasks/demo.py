@@ -19,6 +19,7 @@ import time
 
 from tasks.dependencies import dependency
 from workers.client import client
+from workers.telemetry.logs import configure
 
 logger = logging.getLogger("bulwark.demo")
 
@@ -58,7 +59,7 @@ def flaky_payments(healthy: float, outage: float, stop: threading.Event) -> None
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    configure()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -201,8 +201,17 @@ def _on_setup_logging(logfile: str | None = None, **_: Any) -> None:
         raise SystemExit(f"bulwark: {exc}") from None
 
 
+def _on_celeryd_init(**_: Any) -> None:
+    """The worker's first signal, before its start-up checks warn: log as configured now."""
+    _on_setup_logging()
+
+
 def connect() -> None:
-    """Answer Celery's `setup_logging` signal, so that this module owns the root logger."""
+    """Answer Celery's `setup_logging` signal, so that this module owns the root logger
+    (and configure it already at `celeryd_init`, so that start-up warnings are lines too)."""
     signals.setup_logging.connect(
         _on_setup_logging, weak=False, dispatch_uid="bulwark.logs.setup_logging"
+    )
+    signals.celeryd_init.connect(
+        _on_celeryd_init, weak=False, dispatch_uid="bulwark.logs.celeryd_init"
     )

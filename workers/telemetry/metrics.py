@@ -12,7 +12,8 @@ once per `BULWARK_METRICS_INTERVAL`). Signal handlers are connected by
 Per worker process group (counters and histograms, no hostname labels):
 
 - bulwark_tasks_total{task, queue, state}: state is one of sent, received,
-  started, succeeded, failed, retried, rejected, deferred, dead_lettered
+  started, succeeded, failed, retried, rejected, deferred, dead_lettered,
+  expired (its `expires` passed before it ran; logged as a warning with its id), revoked
 - bulwark_task_runtime_seconds{task, queue} (histogram)
 - bulwark_task_queue_wait_seconds{task, queue} (histogram): start time minus
   the later of the message's sent time (header `bulwark_sent_at`) and its ETA
@@ -72,6 +73,8 @@ TASK_STATES = (
     "rejected",
     "deferred",
     "dead_lettered",
+    "expired",
+    "revoked",
 )
 _POSTRUN_STATES = {"SUCCESS": "succeeded", "FAILURE": "failed", "REJECTED": "rejected"}
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -328,6 +331,24 @@ def _on_rejected(message: Any = None, **_: Any) -> None:
     metrics().task("rejected", str(headers.get("task", "unknown")), info.get("routing_key"))
 
 
+def _on_revoked(
+    request: Any = None, expired: bool = False, terminated: bool = False, **_: Any
+) -> None:
+    """A task revoked before it ran: counted, and an expired one logged with its id."""
+    name = str(getattr(request, "name", None) or getattr(request, "task", None) or "unknown")
+    task_id = getattr(request, "id", None)
+    state = "expired" if expired else "revoked"
+    metrics().task(state, name, _queue_of(request))
+    if expired:
+        logger.warning(
+            "task %s[%s] expired before it could run (expires %s)",
+            name,
+            task_id,
+            getattr(request, "expires", None),
+            extra={"task_id": task_id, "task_name": name},
+        )
+
+
 def _on_worker_init(sender: Any = None, **_: Any) -> None:
     # Before the pool forks: every child inherits the folder.
     enable_multiprocess(metrics_dir_for(str(getattr(sender, "hostname", None) or os.getpid())))
@@ -375,6 +396,7 @@ def connect() -> None:
         (signals.task_prerun, _on_prerun),
         (signals.task_postrun, _on_postrun),
         (signals.task_rejected, _on_rejected),
+        (signals.task_revoked, _on_revoked),
         (signals.worker_init, _on_worker_init),
         (signals.worker_process_init, _on_worker_process_init),
         (signals.worker_process_shutdown, _on_worker_process_shutdown),

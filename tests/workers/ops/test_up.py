@@ -135,6 +135,20 @@ class TestUp:
             code = up.wait(timeout=30)
             stopped_in = time.monotonic() - started
         assert stopped_in < 10, f"stop took {stopped_in:.1f} s"
+        # Every process logs JSON lines (Flower, beat, the demo and the workers alike).
+        plain = []
+        for row in output().splitlines():
+            found = re.match(r"^\d\d:\d\d:\d\d (\w+)\s*\| (.*)$", row)
+            if not found or found.group(1) == "system" or not found.group(2).strip():
+                continue
+            text = found.group(2)
+            if text.startswith("worker: Warm shutdown") or text == "Killed":
+                continue  # Celery's print() at the very end; the shell on our SIGKILL
+            try:
+                json.loads(text)
+            except ValueError:
+                plain.append(row)
+        assert plain == [], "\n".join(plain[:20])
         assert code in (0, 130), output()
         assert session_members(children | {up.pid}) == []
         leftovers = [p.name for p in tmp_path.iterdir() if p.name != "up.log"]

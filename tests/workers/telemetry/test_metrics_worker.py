@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import urllib.request
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
+from policies import keys
 from tests.kit import poll
 from workers.client import client
 from workers.fleet import read_fleet
@@ -143,3 +145,18 @@ class TestPolicyStateMetrics:
         assert sample(s, "bulwark_tasks_total", state="deferred", **labels) >= 1
         assert sample(s, "bulwark_tasks_total", state="retried", **labels) == 2
         assert sample(s, "bulwark_bulkhead_rejections_total", bulkhead="payments") >= 1
+
+
+class TestExpired:
+    """A task whose `expires` passed before it ran is counted and logged with its id."""
+
+    def test_expired_task(self, r: redis.Redis, start_worker) -> None:
+        worker = start_worker(["default"], name="expiring")
+        url = wait_address(r, worker.hostname)["url"]
+        past = datetime.now(UTC) - timedelta(minutes=1)
+        late = client().send_task("bulwark.ping", args=["late"], expires=past)
+        labels = {"task": "bulwark.ping", "queue": "default", "state": "expired"}
+        poll(lambda: sample(scrape(url), "bulwark_tasks_total", **labels) == 1, what="counted")
+        log = worker.log.read_text()
+        assert f"task bulwark.ping[{late.id}] expired before it could run" in log
+        assert r.llen(keys.key("diagnostics", "ping", "tokens")) == 0, "it did not run"
