@@ -18,6 +18,18 @@ from workers.ops.embedded import EmbeddedRedis
 
 StartWorker = Callable[..., Worker]
 
+#: Nothing listens here. Set before any test module is imported, so that whatever reads
+#: the settings early (an app's configuration, once resolved, is kept) can never reach
+#: the developer's Redis on 6379.
+NOWHERE = "redis://127.0.0.1:1/0"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for name in list(os.environ):
+        if name.startswith(("BULWARK_", "CELERY_")):
+            del os.environ[name]
+    os.environ["REDIS_URL"] = NOWHERE
+
 
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[EmbeddedRedis]:
@@ -55,7 +67,7 @@ def _settings_from_test_env(
             client.flushall()  # at setup: no test sees what another left behind
         monkeypatch.setenv("REDIS_URL", url)
     else:
-        monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")  # nothing listens there
+        monkeypatch.setenv("REDIS_URL", NOWHERE)
     settings.get_settings.cache_clear()
     resources.forget()
     guard.forget_guards()

@@ -3,6 +3,7 @@ signed webhook notification, deduplicates it, and sends the resolution."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
 from typing import Any
@@ -11,9 +12,12 @@ import pytest
 import redis
 
 from policies import keys
+from tasks.alerts import notify_alert
 from tests.kit import poll
 from tests.workers.telemetry.test_alerts_sinks import SECRET, Receiver
 from workers.client import client
+from workers.settings import get_settings
+from workers.telemetry.alerts.dispatch import evaluate
 from workers.telemetry.alerts.sinks import SIGNATURE_HEADER, verify
 
 pytestmark = pytest.mark.integration
@@ -113,3 +117,34 @@ class TestNotifyRetry:
             tries = [q["status"] for q in rec.requests if b"HealthCheckUnhealthy" in q["body"]]
             assert tries == [503, 503, 503, 200], "three refused attempts, then the Celery retry"
             assert redis_alerts(rec) == [("firing", "critical")]
+
+
+class TestNoSecretInTasks:
+    """Alert notifications name their sink; URLs and secrets stay in the worker's settings."""
+
+    def test_notify_messages_carry_no_secret(
+        self, r: redis.Redis, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        secrets = {
+            "BULWARK_ALERT_WEBHOOK_URL": "http://hookuser:urlpass@127.0.0.1:1/hook",
+            "BULWARK_ALERT_WEBHOOK_SECRET": "hmacsecret",
+            "BULWARK_ALERT_SLACK_URL": "https://hooks.example.test/services/T0/B0/slacktoken",
+            "BULWARK_ALERT_SMTP_HOST": "127.0.0.1",
+            "BULWARK_ALERT_SMTP_USER": "mailer",
+            "BULWARK_ALERT_SMTP_PASSWORD": "smtppass",
+            "BULWARK_ALERT_EMAIL_TO": "ops@example.test",
+            "BULWARK_ALERT_GROUP_WAIT": "0",
+        }
+        for name, value in secrets.items():
+            monkeypatch.setenv(name, value)
+        get_settings.cache_clear()
+        settings = get_settings()
+        _plan, out = evaluate(settings, r, r)
+        assert {d.sink for d in out} >= {"webhook", "slack", "email"}
+        # What `bulwark.alerts.evaluate` sends each time: notify(sink name, payload).
+        sent = json.dumps([[d.sink, d.payload] for d in out])
+        for needle in ("urlpass", "hmacsecret", "slacktoken", "smtppass", "hookuser"):
+            assert needle not in sent, needle
+        names = {d.sink for d in out}
+        assert list(inspect.signature(notify_alert.run).parameters) == ["sink", "payload"]
+        assert names >= {"webhook", "slack", "email"}
