@@ -45,6 +45,15 @@ def redis_url(redis_server: EmbeddedRedis) -> str:
 
 
 @pytest.fixture
+def spare_redis() -> Iterator[EmbeddedRedis]:
+    """A second redis-server of the test's own, for a test that kills or restarts it
+    (the broker, the result backend or the policies' store apart from the session's)."""
+    server = EmbeddedRedis().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
 def r(redis_url: str) -> Iterator[redis.Redis]:
     """A client on the session server, flushed first (also when requested dynamically)."""
     client = redis.Redis.from_url(redis_url)

@@ -23,11 +23,8 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def policy_redis() -> Iterator[EmbeddedRedis]:
-    """A second redis-server for policy state only; the broker stays on the session one."""
-    server = EmbeddedRedis().start()
-    yield server
-    server.stop()
+def policy_redis(spare_redis: EmbeddedRedis) -> EmbeddedRedis:
+    return spare_redis
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ that succeeded is never reported as FAILURE because Redis blinked."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,10 +18,8 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def backend() -> Iterator[EmbeddedRedis]:
-    server = EmbeddedRedis().start()
-    yield server
-    server.stop()
+def backend(spare_redis: EmbeddedRedis) -> EmbeddedRedis:
+    return spare_redis
 
 
 class TestResultAcrossRestart:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -26,11 +25,8 @@ def get(url: str) -> tuple[int, dict]:  # type: ignore[type-arg]
 
 
 @pytest.fixture
-def broker() -> Iterator[EmbeddedRedis]:
-    """A second redis-server used only as the broker, so the test can kill it."""
-    server = EmbeddedRedis().start()
-    yield server
-    server.stop()
+def broker(spare_redis: EmbeddedRedis) -> EmbeddedRedis:
+    return spare_redis
 
 
 class TestProbes:
