@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from policies.deadletter import DeadLetterStore
-from workers.app import app
+from workers.client import client
 from workers.resources import deadletters
 
 
@@ -21,7 +21,7 @@ def replay(store: DeadLetterStore, letter_id: str) -> tuple[bool, str]:
             f"{letter_id}: not replayable: the message was refused before decoding "
             f"({letter.reason}); inspect it with `bulwark deadletter list --json`"
         )
-    result = app.send_task(
+    result = client().send_task(
         letter.task_name,
         args=letter.args,
         kwargs=letter.kwargs,

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from tests.kit import breaker_snapshot
 from workers.fleet import FleetSnapshot, HealthResult, QueueState
 from workers.ops import alerts as ops_alerts
+from workers.ops import cli as ops_cli
 from workers.ops.alerts import duration, matcher
 from workers.ops.cli import main
 from workers.telemetry.alerts.model import Alert, Condition, Silence, fingerprint, iso
@@ -328,6 +329,7 @@ class TestCli:
         self, fake_redis: fakeredis.FakeRedis, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         monkeypatch.setattr(ops_alerts, "policy_redis", lambda: fake_redis)
+        monkeypatch.setattr(ops_cli, "_reachable", lambda: None)  # the store is fakeredis
 
         def cli(*args: str) -> tuple[int, str]:
             out = io.StringIO()
