@@ -3,22 +3,24 @@ workers obey."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import json
 import os
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import redis
 
-from policies.deadletter import DeadLetterStore
+from policies.deadletter import DeadLetter, DeadLetterStore
 from tasks.dependencies import dependency
 from tests.conftest import StartWorker
 from tests.kit import ROOT, child_env, poll
-from workers.client import client
+from workers.client import EnqueueRefused, client
 from workers.fleet import WORKERS_INDEX, heartbeat_key, read_fleet
 from workers.ops.cli import main as bulwark
 from workers.ops.embedded import EmbeddedRedis
@@ -203,3 +205,39 @@ class TestHonestFailures:
         assert done.returncode == 0
         assert done.stdout.count("\n") == 1
         assert done.stderr == "", done.stderr
+
+
+class TestReplayExact:
+    """A replay sends the dead letter's arguments exactly as they were given."""
+
+    def test_empty_lists_nested_empties_and_unicode(self, r: redis.Redis) -> None:
+        args = [[], {}, [[]], {"a": []}, "ünïcødé ✓", None, 1.5]
+        kwargs = {"empty": [], "nested": {"x": [{}]}}
+        store = DeadLetterStore(r)
+        letter = store.add(
+            DeadLetter(task_name="inventory.reserve", reason="r", queue="inventory",
+                       args=args, kwargs=kwargs)
+        )  # fmt: skip
+        assert cli("deadletter", "replay", letter.id)[0] == 0
+        (raw,) = r.lrange("inventory", 0, -1)
+        message = json.loads(raw)
+        body = json.loads(base64.b64decode(message["body"]))
+        assert body[0] == args and body[1] == kwargs
+        assert message["headers"]["bulwark_replayed_from"] == letter.id
+        assert store.get(letter.id) is None
+
+
+class TestEnqueueHorizon:
+    """The client refuses a countdown a worker could not hold without a second delivery."""
+
+    def test_refused_before_sending(self, r: redis.Redis) -> None:
+        app = client()
+        with pytest.raises(EnqueueRefused, match="beyond what a worker may hold"):
+            app.send_task("inventory.reserve", args=["s", 1], countdown=3600)
+        with pytest.raises(EnqueueRefused):
+            app.send_task(
+                "inventory.reserve", args=["s", 1], eta=datetime.now(UTC) + timedelta(days=1)
+            )
+        assert r.llen("inventory") == 0, "nothing was sent"
+        app.send_task("inventory.reserve", args=["s", 1], countdown=60)
+        assert r.llen("inventory") == 1
