@@ -81,7 +81,7 @@ def one_run(app: Any, client: redis.Redis, task: str, n: int) -> tuple[float, di
 
 
 def throughput(url: str, n: int, rounds: int, workdir: Path) -> None:
-    from workers.ops.client import client as make_client
+    from workers.client import client as make_client
 
     os.environ["REDIS_URL"] = url
     app = make_client()
