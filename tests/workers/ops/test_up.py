@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import redis
 
+from policies import keys
+from policies.deadletter import DeadLetterStore
 from tests.kit import ROOT, child_env, poll
 from workers.client import client
 from workers.fleet import heartbeat_key
@@ -63,12 +65,22 @@ def session_members(sessions: set[int]) -> list[int]:
     return alive
 
 
+#: A visibility timeout short enough to see a killed worker's tasks come back.
+SHORT = {
+    "BULWARK_VISIBILITY_TIMEOUT": "15",
+    "BULWARK_TASK_TIME_LIMIT": "5",
+    "BULWARK_BREAKER_TIMEOUT": "5",
+    "BULWARK_RETRY_MAX_DELAY": "2",
+    "BULWARK_DEFER_MAX_DELAY": "2",
+}
+
+
 class TestUp:
     """`bulwark up` starts the fleet, tasks flow into Flower, Ctrl-C stops everything."""
 
     def test_fleet_runs_and_stops_cleanly(self, tmp_path: Path) -> None:
         port = free_port()
-        env = child_env("", {"BULWARK_FLOWER_PORT": str(port), "TMPDIR": str(tmp_path)})
+        env = child_env("", {"BULWARK_FLOWER_PORT": str(port), "TMPDIR": str(tmp_path), **SHORT})
         env.pop("REDIS_URL")
         log = (tmp_path / "up.log").open("w+")
         up = subprocess.Popen(
@@ -110,11 +122,19 @@ class TestUp:
             children = {int(p) for p in re.findall(r"started \(pid=(\d+)\)", output())}
             assert len(children) == 6, output()
 
-            # SIGKILL one worker: the supervisor restarts it, nothing else stops.
-            broker = redis.Redis.from_url(f"redis://127.0.0.1:{redis_port}/0")
+            # SIGKILL one worker while it holds charges: the supervisor restarts it,
+            # nothing else stops, and no charge is lost (run once, or kept as interrupted).
+            url = f"redis://127.0.0.1:{redis_port}/0"
+            broker = redis.Redis.from_url(url)
+            app = client(Settings.from_env({"REDIS_URL": url, **SHORT}))
+            slow = keys.key("demo", "payments", "latency")
+            broker.set(slow, "4")
+            held = [app.send_task("payments.charge", args=[f"held-{i}", 100]) for i in range(4)]
+            poll(lambda: any(h.state == "STARTED" for h in held), what="a held charge running")
             beat = heartbeat_key(f"payments@{socket.gethostname()}")
             killed = json.loads(broker.get(beat) or "{}")["pid"]
             os.kill(killed, signal.SIGKILL)
+            broker.delete(slow)
             poll(
                 lambda: (raw := broker.get(beat)) and json.loads(raw)["pid"] != killed,
                 deadline=60,
@@ -125,10 +145,28 @@ class TestUp:
             assert len(starts) == 7, "the other five never stopped"
             assert re.search(r"worker_payments exited \(rc=-?\d+\); restarting in", output())
             children = {int(p) for p in re.findall(r"started \(pid=(\d+)\)", output())}
-            settings = Settings.from_env({"REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"})
-            charged = client(settings).send_task("payments.charge", args=["after-restart", 100])
+            charged = app.send_task("payments.charge", args=["after-restart", 100])
             # The demo's gateway may be in one of its outages: the charge waits it out.
             assert charged.get(timeout=90)["order_id"] == "after-restart"
+
+            def accounted() -> list[str]:
+                interrupted = {
+                    x.task_id
+                    for x in DeadLetterStore(broker).latest(1000)
+                    if x.reason.startswith("interrupted")
+                }
+                return [
+                    "interrupted" if h.id in interrupted else h.state
+                    for h in held
+                    if h.state == "SUCCESS" or h.id in interrupted
+                ]
+
+            outcomes = poll(
+                lambda: len(found := accounted()) == len(held) and found,
+                deadline=60,
+                what="every held charge run once or kept as interrupted",
+            )
+            assert "interrupted" in outcomes, "the one running when killed was not run again"
         finally:
             os.kill(up.pid, signal.SIGINT)
             started = time.monotonic()
