@@ -71,7 +71,7 @@ class ExecuteOnce:
     def queue_finish(self, pipe: redis.client.Pipeline, task_id: str, result: Any) -> None:
         """Record the result (on the caller's pipeline): later deliveries return it."""
         key = self.key(task_id)
-        pipe.hset(key, mapping={"state": "done", "result": json.dumps(result, default=repr)})
+        pipe.hset(key, mapping={"state": "done", "result": encode(result)})
         pipe.expire(key, int(self.keep))
 
     def queue_abandon(self, pipe: redis.client.Pipeline, task_id: str) -> None:
@@ -80,6 +80,14 @@ class ExecuteOnce:
 
     def abandon(self, task_id: str) -> None:
         self._client.delete(self.key(task_id))
+
+
+def encode(result: Any) -> str:
+    """The result as JSON; as the JSON of its repr if it is not JSON (never raises)."""
+    try:
+        return json.dumps(result, default=repr)
+    except (TypeError, ValueError, RecursionError):
+        return json.dumps(repr(result)[:10_000])
 
 
 def _text(value: bytes | str) -> str:

@@ -26,8 +26,9 @@ from vine import promise
 
 from policies.deadletter import DeadLetter
 from workers.envelope import RAW_KEEP, eta_problem, task_problem
-from workers.resources import deadletters
+from workers.resources import broker_redis
 from workers.settings import get_settings
+from workers.transport import keep
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,8 @@ def _text(value: Any, default: str) -> str:
 def _letter_from_message(message: Any, reason: str, exc: BaseException | None) -> DeadLetter:
     headers = message.headers if isinstance(message.headers, dict) else {}
     delivery = getattr(message, "delivery_info", None) or {}
-    body = message.body if isinstance(message.body, bytes) else str(message.body).encode()
+    raw = message.body
+    body = raw if isinstance(raw, bytes) else str(raw).encode("utf-8", "surrogatepass")
     return DeadLetter(
         task_name=_text(headers.get("task"), "<unknown>"),
         task_id=_text(headers.get("id"), "") or None,
@@ -59,16 +61,28 @@ def _refused(message: Any, exc: BaseException | None = None) -> str:
     return f"refused content type {message.content_type!r} ({serializer}): only json is accepted"
 
 
+#: Set on a message once it is kept, so that one message is never kept twice.
+KEPT = "_bulwark_dead_lettered"
+
+
 class GuardedConsumer(Consumer):  # type: ignore[misc]
     def _dead_letter(self, message: Any, reason: str, exc: BaseException | None) -> None:
+        if getattr(message, KEPT, False):
+            return
         try:
-            letter = deadletters().add(_letter_from_message(message, reason, exc))
-            logger.error(
-                "dead-lettered refused message",
-                extra={"reason": reason, "deadletter_id": letter.id, "task_id": letter.task_id},
-            )
-        except Exception:  # the message is still logged (without its body) below
-            logger.exception("could not dead-letter a refused message (%s)", reason)
+            letter = _letter_from_message(message, reason, exc)
+        except Exception:  # a message too odd to describe: still keep what can be kept
+            logger.exception("could not describe a refused message (%s)", reason)
+            letter = DeadLetter(task_name="<unknown>", reason=reason)
+        kept = keep(letter, broker_redis())
+        if kept is None:
+            logger.error("could not dead-letter a refused message (%s)", reason)
+            return
+        setattr(message, KEPT, True)
+        logger.error(
+            "dead-lettered refused message",
+            extra={"reason": reason, "deadletter_id": kept.id, "task_id": kept.task_id},
+        )
 
     def _refuse(self, message: Any, reason: str, exc: BaseException | None = None) -> None:
         """Keep `message` with `reason`, then take it off the queue: the worker goes on."""
@@ -77,8 +91,9 @@ class GuardedConsumer(Consumer):  # type: ignore[misc]
             message.reject_log_error(logger, self.connection_errors)
 
     def on_decode_error(self, message: Any, exc: BaseException) -> None:
-        self._dead_letter(message, _refused(message, exc), exc)
-        super().on_decode_error(message, exc)
+        # Celery's own logs the headers and body at CRITICAL: one bad message is an error,
+        # kept with its reason, and its content stays out of the log.
+        self._refuse(message, _refused(message, exc), exc)
 
     def on_invalid_task(self, body: Any, message: Any, exc: BaseException) -> None:
         reason = _refused(message, exc) if isinstance(exc, ContentDisallowed) else "invalid task"

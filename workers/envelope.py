@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+
+from kombu.utils.json import loads
 
 __all__ = [
     "RAW_KEEP",
@@ -52,7 +53,7 @@ _TEXT_HEADERS = (
     "replaced_task_nesting",
 )
 #: Bulwark's own counters, set by the worker on a re-sent task.
-_COUNT_HEADERS = ("retries", "bulwark_deferrals", "bulwark_attempt")
+_COUNT_HEADERS = ("bulwark_deferrals", "bulwark_attempt")
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,20 +81,45 @@ def describe(value: Any) -> str:
     return f"{type(value).__name__} {text}"
 
 
+#: Containers nested deeper than this are refused: kombu re-encodes a message (recursively)
+#: when it keeps it unacked, and a deep one would raise inside kombu.
+MAX_DEPTH = 64
+
+
 def parse_envelope(raw: bytes | str) -> Envelope:
-    """Parse one queue item; `problem` says why kombu could not deliver it."""
+    """Parse one queue item (as kombu does: its JSON with type hooks); `problem` says why
+    kombu could not deliver it."""
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
     except UnicodeDecodeError as exc:
         return Envelope(None, f"not UTF-8 text: {exc.reason} at byte {exc.start}")
     try:
-        payload = json.loads(text)
-    except ValueError as exc:
-        return Envelope(None, f"not JSON: {exc}")
+        payload = loads(text)
     except RecursionError:
         return Envelope(None, "not JSON: nested too deeply")
+    except Exception as exc:  # kombu's type hooks raise TypeError, decimal errors, ...
+        return Envelope(None, f"not JSON: {type(exc).__name__}: {exc}")
+    if too_deep(payload, MAX_DEPTH):
+        return Envelope(None, f"nested deeper than {MAX_DEPTH} levels")
     problem = envelope_problem(payload)
     return Envelope(payload if isinstance(payload, dict) else None, problem)
+
+
+def too_deep(value: Any, limit: int) -> bool:
+    """Whether lists and objects in `value` nest deeper than `limit` (no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            children: Any = node.values()
+        elif isinstance(node, list | tuple):
+            children = node
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 def envelope_problem(payload: Any) -> str | None:
@@ -146,6 +172,11 @@ def task_problem(
         value = headers.get(name)
         if value is not None and not isinstance(value, str | int):
             return f"task header '{name}' is {describe(value)}: text or null is required"
+    retries = headers.get("retries")
+    if retries is not None and (
+        not isinstance(retries, int) or isinstance(retries, bool) or retries < 0
+    ):
+        return f"task header 'retries' is {describe(retries)}: a whole number >= 0 is required"
     for name in _COUNT_HEADERS:
         value = headers.get(name)
         if value is not None and not _whole(value):

@@ -115,7 +115,7 @@ class Guard:
                 )
                 raise self._defer(task, error)
         once_id = None
-        if self.once is not None:
+        if self.once is not None and not task.request.called_directly:
             claim = self._claim(task)
             if claim.action == "done":
                 logger.info("task %s[%s] ran already: its result is returned", task.name,
@@ -211,11 +211,13 @@ class Guard:
         """Book the outcome, free the lease, count the call and settle an execute-once claim:
         one pipelined round trip."""
         pipe = self.client.pipeline(transaction=False)
+        once_at = len(pipe)
         if once_id is not None and self.once is not None:
             if result is _NO_RESULT:
                 self.once.queue_abandon(pipe, once_id)
             else:
                 self.once.queue_finish(pipe, once_id, result)
+        once_replies = len(pipe) - once_at
         record = (
             self.breaker.record_in(pipe, permit, success, duration)
             if permit is not None and self.breaker is not None
@@ -236,6 +238,28 @@ class Guard:
             release.finish(results)
         if counted is not None:
             counted.reply(results)  # re-runs the count if Redis lost its scripts (a restart)
+        if once_replies:
+            self._settled_once(once_id, results, once_at, once_replies, result is _NO_RESULT)
+
+    def _settled_once(
+        self,
+        once_id: str | None,
+        results: list[Any] | BaseException,
+        at: int,
+        count: int,
+        abandoned: bool,
+    ) -> None:
+        """A failed execute-once write is said (and a failed release tried again)."""
+        replies = [results] if isinstance(results, BaseException) else results[at : at + count]
+        errors = [r for r in replies if isinstance(r, BaseException)]
+        if not errors or once_id is None:
+            return
+        if abandoned:
+            logger.warning("execute-once claim of %s not released (%s); trying again", once_id,
+                           errors[0])  # fmt: skip
+            self._abandon(once_id)
+        else:
+            logger.error("execute-once result of %s not recorded: %s", once_id, errors[0])
 
     # -- when the job cannot run now, or failed ----------------------------------------------
 

@@ -18,20 +18,20 @@ dead letter, it is kept in a dead-letter store on the broker's Redis instead.
 from __future__ import annotations
 
 import base64
+import json
 import logging
 from typing import Any
 
 import redis
 from kombu.transport import redis as kombu_redis
 from kombu.utils.encoding import bytes_to_str
-from kombu.utils.json import loads
 
 from policies.deadletter import DeadLetter, DeadLetterStore
 from workers.envelope import RAW_KEEP, envelope_problem, parse_envelope
 from workers.resources import deadletters
 from workers.telemetry.metrics import metrics
 
-__all__ = ["GuardedChannel", "GuardedQoS", "GuardedTransport", "quarantine"]
+__all__ = ["GuardedChannel", "GuardedQoS", "GuardedTransport", "keep", "quarantine"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def quarantine(
         raw_body=base64.b64encode(data[:RAW_KEEP]).decode("ascii"),
         raw_size=len(data),
     )
-    kept = _keep(letter, broker)
+    kept = keep(letter, broker)
     try:
         metrics().poison.labels(queue=queue or "unknown", source=source).inc()
     except Exception:  # a metric must never stop the consumer
@@ -67,7 +67,7 @@ def quarantine(
     return kept
 
 
-def _keep(letter: DeadLetter, broker: Any) -> DeadLetter | None:
+def keep(letter: DeadLetter, broker: Any) -> DeadLetter | None:
     """Add `letter` to the dead-letter store; to one on the broker's Redis if that fails."""
     try:
         return deadletters().add(letter)
@@ -109,8 +109,10 @@ class GuardedQoS(kombu_redis.QoS):
 def _unacked_entry(raw: bytes) -> tuple[dict[str, Any], str, str] | str:
     """`(payload, exchange, routing_key)` of an `unacked` hash value, or why it is not one."""
     try:
-        entry = loads(bytes_to_str(raw))
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        entry = json.loads(bytes_to_str(raw))  # plain JSON: kombu re-encodes it as it is
+    except RecursionError:
+        return "unacked entry is not JSON: nested too deeply"
+    except Exception as exc:
         return f"unacked entry is not JSON: {exc}"
     if not (isinstance(entry, list) and len(entry) == 3):
         return "unacked entry is not [message, exchange, routing_key]"
@@ -130,11 +132,15 @@ class GuardedChannel(kombu_redis.Channel):
 
     def _deliver_item(self, item: bytes, queue: str) -> None:
         envelope = parse_envelope(item)
-        if envelope.problem is None and envelope.payload is not None:
-            self.connection._deliver(envelope.payload, queue)
-            return
+        problem = envelope.problem
+        if problem is None and envelope.payload is not None:
+            try:
+                self.connection._deliver(envelope.payload, queue)
+                return
+            except RecursionError:
+                problem = "nested too deeply for kombu"
         with self.conn_or_acquire() as client:
-            quarantine(item, envelope.problem or "empty", queue, source="queue", broker=client)
+            quarantine(item, problem or "empty", queue, source="queue", broker=client)
 
     def _brpop_read(self, **options: Any) -> bool:
         # kombu 5.7's `_brpop_read`, with `_deliver_item` in place of `_deliver(loads(item))`.

@@ -245,6 +245,23 @@ class TestExecuteOnce:
         assert self.once_guard(r).run(second, (), {}) == {"receipt": 1}
         assert calls == [1], "the body ran once"
 
+    def test_a_result_that_is_not_json_still_settles(self, r: redis.Redis) -> None:
+        bulkhead = Bulkhead("pay", r, BulkheadConfig(limit=1))
+        odd = {(1, 2): "receipt"}
+        assert (
+            self.once_guard(r, bulkhead=bulkhead).run(FakeTask(body=lambda: odd, once=True), (), {})
+            == odd
+        )
+        assert bulkhead.snapshot().in_use == 0, "the lease was released"
+        again = FakeTask(body=lambda: pytest.fail("must not run"), once=True)
+        assert self.once_guard(r).run(again, (), {}) == repr(odd), "kept as its repr"
+
+    def test_called_directly_runs_without_a_claim(self, r: redis.Redis) -> None:
+        task = FakeTask(
+            body=lambda: "direct", once=True, request=Request(id=None, called_directly=True)
+        )  # type: ignore[arg-type]
+        assert self.once_guard(r).run(task, (), {}) == "direct"
+
     def test_a_failed_body_may_run_again(self, r: redis.Redis) -> None:
         outcomes = iter([ConnectionError("down"), "ok"])
 

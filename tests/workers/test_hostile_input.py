@@ -128,6 +128,22 @@ VARIANTS: list[tuple[str, Variant, str]] = [
         "not valid JSON",
     ),
     ("pickle", edit("content-type", "application/x-python-serialize"), "only json is accepted"),
+    (
+        "lone surrogate body",
+        lambda m: {
+            **m,
+            "body": "\ud800",
+            "properties": {k: v for k, v in m["properties"].items() if k != "body_encoding"},
+        },
+        "not valid JSON",
+    ),
+    ("deeper than kombu takes", edit("headers.x", json.loads("[" * 900 + "]" * 900)), "nested"),
+    (
+        "a kombu type hook that raises",
+        edit("headers.x", {"__type__": "uuid", "__value__": 1}),
+        "not JSON",
+    ),
+    ("retries as text", edit("headers.retries", "3"), "'retries'"),
     ("unknown task", edit("headers.task", "nosuch.task"), "unknown task name"),
     ("eta beyond the horizon", edit("headers.eta", FAR), "beyond what a worker may hold"),
     (

@@ -58,6 +58,7 @@ class SupervisedManager(Manager):  # type: ignore[misc]
         self._looping: set[str] = set()
         self._due: dict[str, float] = {}
         self._started: dict[str, float] = {}
+        self._stop_signal: int | None = None
         self._crash_count: dict[str, int] = {}
         self._redis = (
             redis.Redis.from_url(redis_url, socket_connect_timeout=1.0, socket_timeout=1.0)
@@ -68,16 +69,18 @@ class SupervisedManager(Manager):  # type: ignore[misc]
     # -- the loop ------------------------------------------------------------------------------
 
     def loop(self) -> None:
-        def _terminate(signum: int, frame: Any) -> None:
-            self._system_print("{} received\n".format(SIGNALS[signum]["name"]))
-            self.returncode = SIGNALS[signum]["rc"]
-            self.terminate()
+        def _stop(signum: int, frame: Any) -> None:
+            self._stop_signal = signum  # acted on by the loop, never inside the handler
 
-        signal.signal(signal.SIGTERM, _terminate)
-        signal.signal(signal.SIGINT, _terminate)
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
         self._start()
         stopping_since: float | None = None
         while True:
+            if self._stop_signal is not None and not self._terminating:
+                self._system_print("{} received\n".format(SIGNALS[self._stop_signal]["name"]))
+                self.returncode = SIGNALS[self._stop_signal]["rc"]
+                self.terminate()
             try:
                 msg = self.events.get(timeout=0.1)
             except queue.Empty:
@@ -104,14 +107,30 @@ class SupervisedManager(Manager):  # type: ignore[misc]
         if msg.type == "line":
             self._printer.write(msg)
         elif msg.type == "start":
-            self._processes[msg.name]["pid"] = msg.data["pid"]
+            p = self._processes[msg.name]
+            p["pid"] = msg.data["pid"]
             self._system_print("{} started (pid={})\n".format(msg.name, msg.data["pid"]))
+            if self._terminating:  # restarted just as the fleet began to stop
+                self._procmgr.terminate(p["pid"])
         elif msg.type == "stop":
             code = msg.data["returncode"]
             self._processes[msg.name]["returncode"] = code
             self._system_print(f"{msg.name} stopped (rc={code})\n")
             if not self._terminating:
                 self._crashed(msg.name, code)
+
+    def _killall(self, force: bool = False) -> None:
+        """honcho's, except that a process still starting (no pid yet) is skipped: it is
+        sent SIGTERM the moment it reports its pid."""
+        for name, p in self._processes.items():
+            if "returncode" in p or "pid" not in p:
+                continue
+            signame = "SIGKILL" if force else "SIGTERM"
+            self._system_print(f"sending {signame} to {name} (pid {p['pid']})\n")
+            if force:
+                self._procmgr.kill(p["pid"])
+            else:
+                self._procmgr.terminate(p["pid"])
 
     # -- restarts ------------------------------------------------------------------------------
 

@@ -123,6 +123,8 @@ class _Scan:
         if not SECRET_KEY.search(word[-_KEY_MAX:]):
             return None
         text, n, i = self.text, self.n, end
+        if text.startswith('\\"', i):
+            i += 1  # an escaped quote (JSON inside a string): read it as a quote
         if i < n and text[i] in "\"'":
             i += 1  # the key's closing quote
         i = self.forward(_SPACES, i)
@@ -131,8 +133,14 @@ class _Scan:
         i = self.forward(_SPACES, i + 1)
         if i >= n:
             return None
+        if text.startswith('\\"', i):
+            close = text.find('\\"', i + 2)  # an escaped string ends at an escaped quote
+            self.reads += (close if close != -1 else n) - i
+            return (i + 2, close if close != -1 else n) if close != i + 2 else None
         if text[i] in "\"'":
             close = self.close_of(text[i], i + 1)
+            if close == -1:
+                return (i + 1, n) if i + 1 < n else None  # cut short: mask to the end
             return (i + 1, close) if close > i + 1 else None
         return self.bare(i)
 

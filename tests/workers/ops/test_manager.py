@@ -16,6 +16,7 @@ import redis
 
 from tests.kit import ROOT, child_env, poll
 from workers.fleet import read_fleet
+from workers.ops.manager import SupervisedManager
 
 pytestmark = pytest.mark.integration
 
@@ -83,3 +84,12 @@ class TestSupervisedManager:
         (steady,) = pids(text, "steady")
         with pytest.raises(ProcessLookupError):
             os.kill(steady, 0)
+
+
+def test_stopping_while_a_process_restarts() -> None:
+    """Ctrl-C between a restart and its start report: no KeyError, nothing orphaned."""
+    manager = SupervisedManager()
+    manager.add_process("starting", "true")
+    assert "pid" not in manager._processes["starting"]  # started, pid not reported yet
+    manager.terminate()  # honcho's own _killall raised KeyError('pid') here
+    assert manager._terminating

@@ -70,6 +70,11 @@ class TestMasking:
             ("x-api-key=k1&y=2", f"x-api-key={MASK}&y=2"),
             ("token=", "token="),
             ("redis://h:6379/0 and redis://:@h", "redis://h:6379/0 and redis://:@h"),
+            ("args {'password': 'hunter2-cut-short...", f"args {{'password': '{MASK}"),
+            (
+                'msg {\\"password\\": \\"x-secret\\", \\"n\\": 1}',
+                f'msg {{\\"password\\": \\"{MASK}\\", \\"n\\": 1}}',
+            ),
         ],
     )
     def test_cases(self, text: str, expected: str) -> None:
