@@ -14,7 +14,6 @@ raise is refused the same way.
 
 from __future__ import annotations
 
-import base64
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -25,7 +24,7 @@ from kombu.serialization import registry
 from vine import promise
 
 from policies.deadletter import DeadLetter
-from workers.envelope import RAW_KEEP, eta_problem, task_problem
+from workers.envelope import eta_problem, kept_raw, task_problem
 from workers.resources import broker_redis
 from workers.settings import get_settings
 from workers.transport import keep
@@ -49,8 +48,7 @@ def _letter_from_message(message: Any, reason: str, exc: BaseException | None) -
         reason=reason,
         error=f"{type(exc).__name__}: {exc}" if exc is not None else None,
         content_type=_text(message.content_type, "") or None,
-        raw_body=base64.b64encode(body[:RAW_KEEP]).decode("ascii"),
-        raw_size=len(body),
+        **kept_raw(body),
     )
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "describe",
     "envelope_problem",
     "eta_problem",
+    "kept_raw",
     "parse_envelope",
     "task_problem",
 ]
@@ -71,6 +72,11 @@ class Envelope:
         info = self.payload.get("properties", {}).get("delivery_info", {})
         key = info.get("routing_key") if isinstance(info, dict) else None
         return key if isinstance(key, str) else None
+
+
+def kept_raw(data: bytes) -> dict[str, Any]:
+    """The `raw_body` (base64 of the first `RAW_KEEP` bytes) and `raw_size` of a dead letter."""
+    return {"raw_body": base64.b64encode(data[:RAW_KEEP]).decode("ascii"), "raw_size": len(data)}
 
 
 def describe(value: Any) -> str:

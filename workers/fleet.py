@@ -41,9 +41,9 @@ from policies.bulkhead.store import RedisBulkheadStore
 from policies.deadletter import DeadLetterStore
 from policies.degradation import ServiceState
 from policies.degradation.store import RedisDegradationStore
-from policies.index import decode_names
+from policies.index import decode_names, raise_error
 from workers.resources import broker_redis, policy_redis
-from workers.settings import get_settings
+from workers.settings import DEADLETTER_QUEUE, get_settings
 
 __all__ = [
     "HEALTH_LAST_RUN_KEY",
@@ -51,6 +51,7 @@ __all__ = [
     "SUPERVISORS_INDEX",
     "WORKERS_INDEX",
     "FleetSnapshot",
+    "FleetUnreadable",
     "HealthResult",
     "ProcessState",
     "QueueState",
@@ -172,6 +173,10 @@ class HealthResult:
             )
 
 
+class FleetUnreadable(RuntimeError):
+    """The fleet's state could not be read (`FleetSnapshot.require`)."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FleetSnapshot:
     """The fleet at one instant, as every consumer sees it."""
@@ -197,6 +202,17 @@ class FleetSnapshot:
     @classmethod
     def unreadable(cls, error: BaseException | str, at: float) -> FleetSnapshot:
         return cls(taken_at=at, up=False, error=str(error))
+
+    def require(self) -> FleetSnapshot:
+        """This snapshot, or `FleetUnreadable` naming why Redis could not be read."""
+        if not self.up:
+            raise FleetUnreadable(f"fleet state unreadable: {self.error}")
+        return self
+
+    @property
+    def work_queues(self) -> tuple[QueueState, ...]:
+        """The queues that hold work: all but the dead-letter queue."""
+        return tuple(q for q in self.queues if q.name != DEADLETTER_QUEUE)
 
     def queue(self, name: str) -> QueueState:
         """The state of queue `name` (empty if the snapshot does not list it)."""
@@ -243,12 +259,6 @@ def _now(reply: Sequence[Any]) -> float:
     return float(seconds) + int(micros) / 1_000_000
 
 
-def _ok(raw: Any) -> Any:
-    if isinstance(raw, BaseException):
-        raise raw
-    return raw
-
-
 def read_fleet(policy: redis.Redis, broker: redis.Redis, queues: Iterable[str]) -> FleetSnapshot:
     """Read the fleet (three pipelined round trips); `up=False` with the error if Redis fails."""
     names = list(queues)
@@ -271,7 +281,7 @@ def _read(policy: redis.Redis, broker: redis.Redis, queues: list[str]) -> FleetS
     pipe.hgetall(HEALTH_RESULTS_KEY)
     pipe.get(HEALTH_LAST_RUN_KEY)
     letters.queue_counts(pipe)
-    first = [_ok(r) for r in pipe.execute(raise_on_error=False)]
+    first = [raise_error(r) for r in pipe.execute(raise_on_error=False)]
     now = _now(first[0])
     breaker_names, bulkhead_names, service_names, hostnames, supervisors = (
         decode_names(r) for r in first[1:6]
@@ -368,7 +378,7 @@ def _queues(broker: redis.Redis, names: list[str], now: float) -> tuple[QueueSta
         for list_key in priority_queues(queue):
             pipe.llen(list_key)
     pipe.hvals(Channel.unacked_key)
-    replies = [_ok(r) for r in pipe.execute(raise_on_error=False)]
+    replies = [raise_error(r) for r in pipe.execute(raise_on_error=False)]
     unacked, scheduled = _reserved(replies[-1], now)
     found = []
     for i, queue in enumerate(names):

@@ -50,7 +50,7 @@ ATTEMPT_HEADER = "bulwark_attempt"
 
 
 class GuardedTask(Protocol):
-    """What the guard needs of a task (`workers.task.GuardedTask` is one)."""
+    """What the guard needs of a task (`workers.task.ResilientTask` is one)."""
 
     name: str
     request: Any
@@ -127,7 +127,7 @@ class Guard:
             lease = self._lease(task, permit)
         except BaseException:
             if once_id is not None:
-                self._abandon(once_id)  # refused before the body ran: a later delivery may
+                self._abandon(once_id)  # refused before the body ran: a later delivery may run
             raise
         started = time.perf_counter()
         try:

@@ -17,7 +17,6 @@ dead letter, it is kept in a dead-letter store on the broker's Redis instead.
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 from typing import Any
@@ -27,7 +26,7 @@ from kombu.transport import redis as kombu_redis
 from kombu.utils.encoding import bytes_to_str
 
 from policies.deadletter import DeadLetter, DeadLetterStore
-from workers.envelope import RAW_KEEP, envelope_problem, parse_envelope
+from workers.envelope import envelope_problem, kept_raw, parse_envelope
 from workers.resources import deadletters
 from workers.telemetry.metrics import metrics
 
@@ -48,8 +47,7 @@ def quarantine(
         task_name=UNREADABLE,
         queue=queue,
         reason=f"poison message ({source}): {reason}",
-        raw_body=base64.b64encode(data[:RAW_KEEP]).decode("ascii"),
-        raw_size=len(data),
+        **kept_raw(data),
     )
     kept = keep(letter, broker)
     try:

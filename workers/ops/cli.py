@@ -12,8 +12,8 @@ import redis
 
 from policies.errors import PolicyConfigError
 from workers.app import app
+from workers.fleet import FleetUnreadable
 from workers.ops import alerts, deadletters, status
-from workers.ops.status import FleetUnreadable
 from workers.ops.supervisor import ProcfileError, proc, up
 from workers.resources import RedisUnavailable, policy, wait_for_redis
 from workers.settings import SettingsError, describe, get_settings

@@ -54,7 +54,6 @@ class SupervisedManager(Manager):  # type: ignore[misc]
         self.host = host or socket.gethostname()
         self._now = clock
         self._crashes: dict[str, list[float]] = {}
-        self._restarts: dict[str, int] = {}
         self._looping: set[str] = set()
         self._due: dict[str, float] = {}
         self._started: dict[str, float] = {}
@@ -159,7 +158,6 @@ class SupervisedManager(Manager):  # type: ignore[misc]
         p = self._processes[name]
         p.pop("pid", None)
         p.pop("returncode", None)
-        self._restarts[name] = self._restarts.get(name, 0) + 1
         p["process"] = multiprocessing.Process(
             name=name, target=p["obj"].run, args=(self.events, True)
         )
@@ -196,7 +194,3 @@ class SupervisedManager(Manager):  # type: ignore[misc]
             pipe.execute()
         except redis.RedisError as exc:
             self._system_print(f"could not record the restart of {name} in Redis: {exc}\n")
-
-    def restarts(self, name: str) -> int:
-        """How many times `name` has been started again."""
-        return self._restarts.get(name, 0)

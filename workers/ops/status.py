@@ -101,15 +101,8 @@ def render_health(results: Sequence[HealthResult], last_run: float | None, now: 
     return "\n".join(lines)
 
 
-class FleetUnreadable(RuntimeError):
-    """Redis could not be read: every command that needs the fleet's state says so."""
-
-
 def _snapshot() -> FleetSnapshot:
-    snap = fleet.take()
-    if not snap.up:
-        raise FleetUnreadable(f"cannot read the fleet's state: {snap.error}")
-    return snap
+    return fleet.take().require()
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

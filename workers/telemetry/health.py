@@ -31,7 +31,7 @@ from workers.fleet import (
     HealthStatus,
 )
 from workers.resources import broker_redis, policy_redis
-from workers.settings import DEADLETTER_QUEUE, get_settings
+from workers.settings import get_settings
 
 #: Breaker states that refuse (some) calls.
 REFUSING = frozenset({"open", "half_open", "forced_open"})
@@ -41,10 +41,6 @@ REFUSING = frozenset({"open", "half_open", "forced_open"})
 class Outcome:
     status: HealthStatus
     message: str
-
-
-class FleetUnreadable(RuntimeError):
-    """The snapshot the checks read could not be taken."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -61,9 +57,7 @@ class HealthContext:
     @property
     def fleet(self) -> FleetSnapshot:
         """The snapshot; raises `FleetUnreadable` (an unhealthy result) if Redis failed it."""
-        if not self.snapshot.up:
-            raise FleetUnreadable(f"fleet state unreadable: {self.snapshot.error}")
-        return self.snapshot
+        return self.snapshot.require()
 
     @classmethod
     def from_settings(cls) -> HealthContext:
@@ -97,7 +91,7 @@ def check_broker(ctx: HealthContext) -> Outcome:
 
 
 def check_backlog(ctx: HealthContext) -> Outcome:
-    queues = [q for q in ctx.fleet.queues if q.name != DEADLETTER_QUEUE]
+    queues = ctx.fleet.work_queues
     over = sorted((q.name, q.ready) for q in queues if q.ready > ctx.backlog_threshold)
     if over:
         listed = ", ".join(f"{name}={n}" for name, n in over)
@@ -122,9 +116,7 @@ def check_workers(ctx: HealthContext) -> Outcome:
     # A heartbeat is rewritten every ttl/3; two missed writes make it stale.
     stale = sorted(w.hostname for w in snap.workers if now - w.at > ctx.heartbeat_ttl * 2 / 3)
     served = {q for w in snap.workers for q in w.queues}
-    unserved = sorted(
-        q.name for q in snap.queues if q.name != DEADLETTER_QUEUE and q.name not in served
-    )
+    unserved = sorted(q.name for q in snap.work_queues if q.name not in served)
     problems = []
     if stale:
         problems.append("stale heartbeat: " + ", ".join(stale))

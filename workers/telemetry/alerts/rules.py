@@ -12,7 +12,6 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from workers.fleet import FleetSnapshot
-from workers.settings import DEADLETTER_QUEUE
 from workers.telemetry.alerts.model import Condition
 
 log = logging.getLogger("bulwark.alerts")
@@ -110,8 +109,8 @@ class QueueBacklog:
     threshold: int
 
     def __call__(self, obs: Observation) -> Iterator[Condition]:
-        for queue, depth in sorted((q.name, q.ready) for q in obs.fleet.queues):
-            if queue != DEADLETTER_QUEUE and depth > self.threshold:
+        for queue, depth in sorted((q.name, q.ready) for q in obs.fleet.work_queues):
+            if depth > self.threshold:
                 yield Condition(
                     name="QueueBacklog",
                     service=queue,
