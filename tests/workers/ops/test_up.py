@@ -161,12 +161,14 @@ class TestUp:
                     if h.state == "SUCCESS" or h.id in interrupted
                 ]
 
-            outcomes = poll(
-                lambda: len(found := accounted()) == len(held) and found,
+            # SIGKILL reaches the main process only: a pool child may still finish the charge
+            # it holds (then its redelivery returns that result), or die with it (then the
+            # redelivery is dead-lettered as interrupted). Either way it ran at most once.
+            poll(
+                lambda: len(accounted()) == len(held),
                 deadline=60,
                 what="every held charge run once or kept as interrupted",
             )
-            assert "interrupted" in outcomes, "the one running when killed was not run again"
         finally:
             os.kill(up.pid, signal.SIGINT)
             started = time.monotonic()
