@@ -11,6 +11,8 @@ worker again. For a non-idempotent job (a payment) that is a second charge.
     claim.action == "done"     -> it ran already: `claim.result` is what it returned
     claim.action == "running"  -> a delivery began `claim.age` seconds ago and has not
                                   finished: still running (wait) or interrupted (do not run)
+    claim.action == "failed"   -> it ran and failed for good (`fail` after dead-lettering):
+                                  `claim.reason` says why; a late duplicate does not run it
 
 One Lua step per claim (`lua/once_begin.lua`), timed by Redis TIME. The entry
 is kept for `keep` seconds (the result backend's expiry), so a redelivery within
@@ -31,7 +33,7 @@ from policies.scripts import Scripts
 
 __all__ = ["Claim", "ExecuteOnce"]
 
-Action = Literal["run", "done", "running"]
+Action = Literal["run", "done", "running", "failed"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +45,8 @@ class Claim:
     owner: str = ""
     #: Seconds since the unfinished delivery began ("running" only).
     age: float = 0.0
+    #: Why it failed ("failed" only).
+    reason: str = ""
 
 
 class ExecuteOnce:
@@ -66,6 +70,8 @@ class ExecuteOnce:
             return Claim("run")
         if action == "done":
             return Claim("done", result=json.loads(raw[1]))
+        if action == "failed":
+            return Claim("failed", reason=_text(raw[1]))
         return Claim("running", owner=_text(raw[1]), age=float(raw[2]))
 
     def queue_finish(self, pipe: redis.client.Pipeline, task_id: str, result: Any) -> None:
@@ -80,6 +86,18 @@ class ExecuteOnce:
 
     def abandon(self, task_id: str) -> None:
         self._client.delete(self.key(task_id))
+
+    def fail(self, task_id: str, reason: str) -> None:
+        """It failed for good (dead-lettered): a late duplicate delivery must not run it.
+
+        The claim was released when the body failed (a retry, same task id, may run);
+        this marks the end. A replay of the dead letter is a new task id, so it runs.
+        """
+        key = self.key(task_id)
+        pipe = self._client.pipeline(transaction=False)
+        pipe.hset(key, mapping={"state": "failed", "reason": reason[:1000]})
+        pipe.expire(key, int(self.keep))
+        pipe.execute()
 
 
 def encode(result: Any) -> str:

@@ -6,11 +6,12 @@ needs its configuration, not at import.
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Any
 
 from celery import Celery
 
-from workers import lifecycle
+from workers import lifecycle, quiet
 from workers.celeryconfig import build_config
 from workers.settings import get_settings
 from workers.task import ResilientTask
@@ -34,11 +35,16 @@ class Bulwark(Celery):  # type: ignore[misc]
                 opts["fallback"] = staticmethod(opts["fallback"])
         return super().task(*args, **opts)
 
+    @cached_property
+    def Worker(self) -> Any:  # Celery's name
+        """`celery worker` says its shutdown as a log line, not a print (`workers.quiet`)."""
+        return self.subclass_with_self("workers.quiet:QuietWorker")
+
 
 app = Bulwark("bulwark", include=["tasks.catalogue", "tasks.beat", "tasks.health", "tasks.alerts"])
 app.add_defaults(lambda: build_config(get_settings()))
 
 # Signal handlers live with what they serve: lifecycle (preflight, listeners,
 # heartbeats), logs, metrics and probes, tracing (each set up after the worker forks).
-for module in (lifecycle, logs, metrics, probes, tracing):
+for module in (lifecycle, logs, metrics, probes, quiet, tracing):
     module.connect()

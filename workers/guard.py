@@ -121,6 +121,11 @@ class Guard:
                 logger.info("task %s[%s] ran already: its result is returned", task.name,
                             task.request.id)  # fmt: skip
                 return claim.result
+            if claim.action == "failed":
+                raise Interrupted(
+                    f"failed already ({claim.reason}); not run again (execute-once): "
+                    "replay its dead letter to run it"
+                )
             once_id = task.request.id
         try:
             permit = self._permit(task)
@@ -171,6 +176,13 @@ class Guard:
         if not task.request.called_directly:
             task.dead_letter(reason, error)
         raise error
+
+    def _failed_for_good(self, task_id: str, reason: str) -> None:
+        assert self.once is not None
+        try:
+            self.once.fail(task_id, reason)
+        except redis.RedisError:
+            logger.warning("could not mark %s failed (execute-once)", task_id, exc_info=True)
 
     def _abandon(self, task_id: str) -> None:
         assert self.once is not None
@@ -322,6 +334,8 @@ class Guard:
             return self._fall_back(task, args, kwargs, decision.reason)
         if not task.request.called_directly:
             task.dead_letter(decision.reason, exc)
+            if self.once is not None:
+                self._failed_for_good(task.request.id, decision.reason)
         raise exc
 
     def _fall_back(

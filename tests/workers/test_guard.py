@@ -275,6 +275,24 @@ class TestExecuteOnce:
             self.once_guard(r).run(FakeTask(body=body, once=True), (), {})
         assert self.once_guard(r).run(FakeTask(body=body, once=True), (), {}) == "ok"
 
+    def test_failed_for_good_is_not_run_by_a_late_duplicate(self, r: redis.Redis) -> None:
+        calls: list[int] = []
+
+        def bad_input() -> None:
+            calls.append(1)
+            raise ValueError("amount must be positive")
+
+        first = FakeTask(body=bad_input, once=True)
+        with pytest.raises(ValueError):
+            self.once_guard(r).run(first, (), {})
+        assert len(first.dead) == 1, "a permanent failure is dead-lettered"
+        duplicate = FakeTask(body=bad_input, once=True)  # the same task id, delivered again
+        with pytest.raises(Interrupted, match=r"failed already \(permanent failure: ValueError"):
+            self.once_guard(r).run(duplicate, (), {})
+        assert calls == [1] and duplicate.dead == [], "not run, not dead-lettered twice"
+        replay = FakeTask(body=lambda: "ran", once=True, request=Request(id="t-2"))
+        assert self.once_guard(r).run(replay, (), {}) == "ran", "a replay is a new task id"
+
     def test_refused_before_the_body_leaves_no_claim(self, r: redis.Redis) -> None:
         full = Bulkhead("pay", r, BulkheadConfig(limit=1))
         holder = full.try_acquire(renew=False)

@@ -189,6 +189,11 @@ def configure(
     for name in ("celery", "celery.task", "celery.redirected"):
         logging.getLogger(name).handlers = []
         logging.getLogger(name).propagate = True
+    # billiard's pool logger ("Process 'ForkPoolWorker-1' exited with ...") does not
+    # propagate and had no handler, so Python printed its errors as plain text.
+    pool = logging.getLogger("multiprocessing")
+    pool.handlers = [handler]
+    pool.setLevel(logging.ERROR)
     logging.captureWarnings(True)
     return handler
 
