@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import urllib.request
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import redis
+from celery import Celery
+from celery.signals import before_task_publish
 from prometheus_client.parser import text_string_to_metric_families
 
 from policies import keys
@@ -33,6 +36,18 @@ def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
 
 def sample(samples: dict, name: str, **labels: str) -> float:  # type: ignore[type-arg]
     return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+README = Path(__file__).parents[3] / "README.md"
+
+
+def readme_stamp_hook() -> dict:  # type: ignore[type-arg]
+    """Run the README's producer hook (the block that stamps `bulwark_sent_at`)."""
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    (hook,) = [b for b in blocks if "bulwark_sent_at" in b]
+    namespace: dict = {}  # type: ignore[type-arg]
+    exec(hook, namespace)  # noqa: S102 (the project's own README)
+    return namespace
 
 
 class TestWorkerMetrics:
@@ -160,3 +175,33 @@ class TestExpired:
         log = worker.log.read_text()
         assert f"task bulwark.ping[{late.id}] expired before it could run" in log
         assert r.llen(keys.key("diagnostics", "ping", "tokens")) == 0, "it did not run"
+
+    def test_queue_wait_of_a_plain_celery_producer(self, r: redis.Redis, start_worker) -> None:
+        """A producer with its own Celery app (nothing of Bulwark) and the README's hook."""
+        worker = start_worker(["default"], name="plain-producer")
+        url = wait_address(r, worker.hostname)["url"]
+        plain = Celery("plain", broker=os.environ["REDIS_URL"])
+        plain.conf.update(task_serializer="json", accept_content=["json"])
+        unstamped = plain.send_task("bulwark.ping", args=["before the hook"], queue="default")
+        hook = readme_stamp_hook()
+        try:
+            stamped = [
+                plain.send_task("bulwark.ping", args=[f"hooked {n}"], queue="default")
+                for n in range(3)
+            ]
+        finally:
+            before_task_publish.disconnect(hook["stamp_sent_time"])
+        sent = [unstamped.id, *(s.id for s in stamped)]
+
+        def runs() -> dict | None:  # type: ignore[type-arg]
+            s = scrape(url)
+            n = sample(
+                s, "bulwark_task_runtime_seconds_count", task="bulwark.ping", queue="default"
+            )
+            return s if n >= len(sent) else None
+
+        s = poll(runs, deadline=30, what="the plain producer's tasks run")
+        waits = sample(
+            s, "bulwark_task_queue_wait_seconds_count", task="bulwark.ping", queue="default"
+        )
+        assert waits == 3, "the three stamped sends are measured, the unstamped one is not"
