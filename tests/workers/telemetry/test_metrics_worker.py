@@ -46,7 +46,7 @@ def readme_stamp_hook() -> dict:  # type: ignore[type-arg]
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     (hook,) = [b for b in blocks if "bulwark_sent_at" in b]
     namespace: dict = {}  # type: ignore[type-arg]
-    exec(hook, namespace)  # noqa: S102 (the project's own README)
+    exec(hook, namespace)  # the project's own README
     return namespace
 
 
