@@ -4,6 +4,8 @@ and for pure unit tests fakeredis (with Lua) and a fake clock."""
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -12,9 +14,12 @@ import pytest
 import redis
 
 from policies.clock import FakeClock
+from tests import kit
 from tests.kit import Worker
 from workers import guard, resources, settings
 from workers.ops.embedded import EmbeddedRedis
+from workers.security import context
+from workers.security.keys import dev_keys
 
 StartWorker = Callable[..., Worker]
 
@@ -24,11 +29,25 @@ StartWorker = Callable[..., Worker]
 NOWHERE = "redis://127.0.0.1:1/0"
 
 
+KEYS_DIR = pytest.StashKey[Path]()
+
+
 def pytest_configure(config: pytest.Config) -> None:
     for name in list(os.environ):
         if name.startswith(("BULWARK_", "CELERY_")):
             del os.environ[name]
     os.environ["REDIS_URL"] = NOWHERE
+    # Security is on, as by default: one set of development keys for the session.
+    folder = Path(tempfile.mkdtemp(prefix="bulwark-test-keys-"))
+    config.stash[KEYS_DIR] = folder
+    kit.SECURITY_ENV.update(dev_keys(folder).env("worker"))
+    os.environ.update(kit.SECURITY_ENV)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    folder = config.stash.get(KEYS_DIR, None)
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -77,8 +96,11 @@ def _settings_from_test_env(
         monkeypatch.setenv("REDIS_URL", url)
     else:
         monkeypatch.setenv("REDIS_URL", NOWHERE)
+    for name, value in kit.SECURITY_ENV.items():
+        monkeypatch.setenv(name, value)
     settings.get_settings.cache_clear()
     resources.forget()
+    context.forget()
     guard.forget_guards()
 
 

@@ -48,8 +48,19 @@ def need(available: object, what: str) -> None:
     pytest.skip(f"{what} (.ci/run installs it)")
 
 
-def child_env(redis_url: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+#: The session's development keys (`tests/conftest.py`): every test process and child
+#: signs as the identity "worker" (may send any task) and verifies with this trust store.
+SECURITY_ENV: dict[str, str] = {}
+
+
+def child_env(
+    redis_url: str, extra: Mapping[str, str] | None = None, *, keys: bool = True
+) -> dict[str, str]:
+    """The environment of a child process: the test Redis, the session's keys (unless
+    `keys=False`: `bulwark up` makes its own), and `extra`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BULWARK_", "CELERY_"))}
+    if keys:
+        env.update(SECURITY_ENV)
     env.update(
         REDIS_URL=redis_url,
         PYTHONPATH=str(ROOT),

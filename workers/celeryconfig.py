@@ -24,9 +24,9 @@ def route_for(settings: Settings) -> Any:
     return route
 
 
-#: Brokers `workers.transport` guards. `rediss://` keeps kombu's own transport for now:
-#: kombu derives its TLS options from that scheme, which an explicit transport bypasses.
-GUARDED_SCHEMES = ("redis://", "unix://")
+#: Brokers `workers.transport` guards. For `rediss://`, kombu still reads the TLS options
+#: (`ssl_cert_reqs`, `ssl_ca_certs`, which the settings require) from the URL's query.
+GUARDED_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 def transport_for(broker_url: str) -> dict[str, str]:

@@ -10,12 +10,17 @@ from any other producer too (it is dead-lettered with that reason).
 
 from __future__ import annotations
 
+import threading
+import time
 from datetime import UTC, datetime
 from typing import Any
 
 from celery import Celery
 
+from policies.authz import authorize
 from workers.celeryconfig import build_config
+from workers.security import signer
+from workers.security.context import Security, security
 from workers.settings import Settings, get_settings
 from workers.telemetry import metrics, tracing
 
@@ -43,14 +48,61 @@ class EnqueueRefused(ValueError):
     """The client refused to enqueue a task; the message says why. Nothing was sent."""
 
 
-class Producer(Celery):  # type: ignore[misc]
-    """A Celery app that refuses, at `send_task`, a countdown or ETA a worker may not hold.
+class _Rate:
+    """A token bucket: `rate` sends a second, bursts of up to one second's worth."""
 
-    A worker holds a task until its ETA; past the visibility timeout Redis gives it
-    to another worker too, so the task would run twice (`Settings.countdown_horizon`).
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tokens: float | None = None
+        self._at = time.monotonic()
+
+    def take(self, rate: float) -> bool:
+        with self._lock:
+            now = time.monotonic()
+            tokens = rate if self._tokens is None else self._tokens
+            tokens = min(max(rate, 1.0), tokens + (now - self._at) * rate)
+            self._at = now
+            if tokens < 1.0:
+                self._tokens = tokens
+                return False
+            self._tokens = tokens - 1.0
+            return True
+
+
+class Producer(Celery):  # type: ignore[misc]
+    """A Celery app that refuses, at `send_task`, what a worker would refuse anyway:
+
+    - a countdown or ETA a worker may not hold: past the visibility timeout Redis
+      gives it to another worker too, so it would run twice (`Settings.countdown_horizon`);
+    - with security on: sending without an identity, a task or queue this producer's
+      grant does not allow, a payload over its limit, or more than its rate.
     """
 
     horizon: float = float("inf")
+    _rate = _Rate()
+
+    def _security_problem(
+        self, context: Security, name: str, args: Any, kwargs: Any, options: dict[str, Any]
+    ) -> str | None:
+        problem = context.signing_problem()
+        if problem is not None or context.trust is None:
+            return problem
+        identity = context.trust.get().identity(context.identity or "")
+        if identity is None:
+            return f"identity {context.identity!r} is not in the trust store"
+        queue = options.get("queue")
+        if queue is None:
+            route = self.amqp.router.route(dict(options), name, args, kwargs)
+            queue = route.get("queue")
+        queue_name = getattr(queue, "name", queue) or ""
+        size = len(signer.body_bytes([list(args or ()), dict(kwargs or {}), {}])[1])
+        refused = authorize(identity.grant, name, str(queue_name), size)
+        if refused is not None:
+            return f"producer {identity.name!r} {refused}"
+        rate = identity.grant.rate
+        if rate is not None and not self._rate.take(rate):
+            return f"producer {identity.name!r} is over its rate of {rate:g} messages a second"
+        return None
 
     def send_task(
         self,
@@ -71,6 +123,11 @@ class Producer(Celery):  # type: ignore[misc]
                 f"({self.horizon:.0f} s: BULWARK_VISIBILITY_TIMEOUT less "
                 "BULWARK_TASK_TIME_LIMIT); it would run twice. Nothing was sent."
             )
+        context = security()
+        if context.enabled:
+            problem = self._security_problem(context, name, args, kwargs, options)
+            if problem is not None:
+                raise EnqueueRefused(f"{name}: {problem}. Nothing was sent.")
         return super().send_task(name, args, kwargs, countdown=countdown, eta=eta, **options)
 
 
@@ -84,6 +141,7 @@ def client(settings: Settings | None = None, *, name: str = "bulwark-client") ->
     """
     tracing.setup_producer()
     metrics.connect_producer()
+    signer.connect()  # after the metrics stamp: it signs the headers as they are then
     settings = settings or get_settings()
     config = build_config(settings)
     app = Producer(name)

@@ -24,8 +24,9 @@ from kombu.serialization import registry
 from vine import promise
 
 from policies.deadletter import DeadLetter
-from workers.envelope import eta_problem, kept_raw, task_problem
+from workers.envelope import body_problem, eta_problem, header_problem, kept_raw
 from workers.resources import broker_redis
+from workers.security.verifier import message_problem
 from workers.settings import get_settings
 from workers.transport import keep
 
@@ -53,11 +54,13 @@ def _letter_from_message(message: Any, reason: str, exc: BaseException | None) -
 
 
 def _refused(message: Any, exc: BaseException | None = None) -> str:
-    if message.content_type == "application/json" and not isinstance(exc, ContentDisallowed):
+    if message.content_type == JSON and not isinstance(exc, ContentDisallowed):
         return f"body is not valid JSON: {exc}"
     serializer = registry.type_to_name.get(message.content_type, "unknown serializer")
     return f"refused content type {message.content_type!r} ({serializer}): only json is accepted"
 
+
+JSON = "application/json"
 
 #: Set on a message once it is kept, so that one message is never kept twice.
 KEPT = "_bulwark_dead_lettered"
@@ -124,17 +127,27 @@ class GuardedConsumer(Consumer):  # type: ignore[misc]
         return on_task_received
 
     def _problem(self, message: Any) -> str | None:
-        """Why a protocol-2 task message cannot run; None for anything Celery handles itself."""
+        """Why a protocol-2 task message cannot run; None for anything Celery handles itself.
+
+        In order: the headers' shapes; then security (signature, key, expiry, replay,
+        authorization), before the body is decoded; then the body's shape.
+        """
         headers = message.headers
         if not isinstance(headers, dict) or "task" not in headers:
             return None  # protocol 1 or not a task: Celery dead-letters it through our hooks
+        problem = header_problem(headers, message.properties)
+        if problem is None and message.content_type != JSON:
+            problem = _refused(message, ContentDisallowed(message.content_type))
+        problem = problem or message_problem(message)
+        if problem is not None:
+            return problem
         try:
             body = message.decode()
         except ContentDisallowed:
             return None  # Celery refuses it and calls on_invalid_task / on_decode_error
         except (DecodeError, ValueError, TypeError, RecursionError) as exc:
             return _refused(message, exc)
-        return task_problem(headers, message.properties, body) or _beyond_horizon(headers)
+        return body_problem(body) or _beyond_horizon(headers)
 
 
 def _beyond_horizon(headers: dict[str, Any]) -> str | None:

@@ -9,7 +9,9 @@ Two layers, both pure functions that never raise on any input:
   inside kombu, before Celery or Bulwark could see it.
 - `task_problem(headers, properties, body)`: a Celery protocol-2 task message
   whose headers have the types Celery relies on (`id`, `task`, `timelimit`,
-  `eta`, `expires`, `retries`, ...) and whose body is `[args, kwargs, embed]`.
+  `eta`, `expires`, `retries`, ...) and whose body is `[args, kwargs, embed]`;
+  in two halves, `header_problem` and `body_problem`, because the consumer
+  verifies a message's signature between them, before it decodes the body.
 
 Each returns the reason a message is refused, naming the field and what it
 holds; the worker keeps the message in the dead-letter store with that reason.
@@ -30,9 +32,11 @@ from kombu.utils.json import loads
 __all__ = [
     "RAW_KEEP",
     "Envelope",
+    "body_problem",
     "describe",
     "envelope_problem",
     "eta_problem",
+    "header_problem",
     "kept_raw",
     "parse_envelope",
     "task_problem",
@@ -168,6 +172,13 @@ def task_problem(
     headers: Mapping[str, Any] | None, properties: Mapping[str, Any] | None, body: Any
 ) -> str | None:
     """Why a protocol-2 task message cannot run as sent, or None if it can."""
+    return header_problem(headers, properties) or body_problem(body)
+
+
+def header_problem(
+    headers: Mapping[str, Any] | None, properties: Mapping[str, Any] | None
+) -> str | None:
+    """Why a protocol-2 task message's headers or properties cannot be run, or None."""
     if not isinstance(headers, Mapping):
         return f"task headers are {describe(headers)}"
     for name in ("id", "task"):
@@ -203,7 +214,7 @@ def task_problem(
         value = (properties or {}).get(name)
         if value is not None and not isinstance(value, str):
             return f"message property '{name}' is {describe(value)}: text or null is required"
-    return _body_problem(body)
+    return None
 
 
 def _whole(value: Any) -> bool:
@@ -243,7 +254,7 @@ def _time_problem(name: str, value: Any) -> str | None:
     return None
 
 
-def _body_problem(body: Any) -> str | None:
+def body_problem(body: Any) -> str | None:
     """The decoded body of a protocol-2 message: [args, kwargs, embed]."""
     if not isinstance(body, list | tuple) or len(body) != 3:
         return f"task body is {describe(body)}: [args, kwargs, embed] is required"

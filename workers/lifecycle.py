@@ -22,6 +22,7 @@ from celery import signals
 from workers import listeners
 from workers.fleet import WORKERS_INDEX, heartbeat_key
 from workers.resources import RedisUnavailable, policy_redis, wait_for_redis
+from workers.security.context import security
 from workers.settings import SettingsError, get_settings
 
 logger = logging.getLogger(__name__)
@@ -34,6 +35,14 @@ def _preflight() -> None:
         settings = get_settings()
     except SettingsError as exc:
         raise SystemExit(f"bulwark: {exc}") from None
+    try:
+        context = security()
+    except SettingsError as exc:
+        raise SystemExit(f"bulwark: {exc}") from None
+    if context.enabled:  # a worker verifies what it takes and signs what it re-sends
+        problem = context.verifying_problem() or context.signing_problem()
+        if problem is not None:
+            raise SystemExit(f"bulwark: {problem}")
     for url in {settings.redis_url, settings.broker}:
         try:
             wait_for_redis(url).close()

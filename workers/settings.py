@@ -13,6 +13,7 @@ import functools
 import logging
 import os
 import re
+import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -135,6 +136,27 @@ def _url(*schemes: str) -> Parser:
         return value
 
     return Parser(parse, "a URL starting with " + " or ".join(f"{s}://" for s in schemes))
+
+
+def _redis_url() -> Parser:
+    """A Redis URL; a `rediss://` one must say how to check the server's certificate
+    (kombu would otherwise connect without checking it, with only a warning)."""
+
+    def parse(raw: str) -> str:
+        value = raw.strip()
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError
+        if value.startswith("rediss://"):
+            query = urllib.parse.parse_qs(urllib.parse.urlsplit(value).query)
+            if not query.get("ssl_cert_reqs"):
+                raise ValueError
+        return value
+
+    return Parser(
+        parse,
+        "a URL starting with redis://, rediss:// or unix://; a rediss:// URL names "
+        "ssl_cert_reqs=required (and ssl_ca_certs=PATH for a private CA)",
+    )
 
 
 def _text() -> Parser:
@@ -352,6 +374,41 @@ class ObservabilitySettings:
 class SecuritySettings:
     """Message authentication, encryption, audit and the operator UI."""
 
+    enabled: bool = setting(
+        "BULWARK_SECURITY",
+        _bool(),
+        True,
+        "sign every task message and verify it before it runs (off: a warning at start)",
+    )
+    trust_file: str | None = setting(
+        "BULWARK_TRUST_FILE",
+        _text(),
+        None,
+        "the trust store (TOML: identities, public keys, what each may send); "
+        "re-read within 2 s of a change",
+    )
+    identity: str | None = setting(
+        "BULWARK_IDENTITY", _text(), None, "this process's identity in the trust store"
+    )
+    signing_key_file: str | None = setting(
+        "BULWARK_SIGNING_KEY_FILE",
+        _text(),
+        None,
+        "this process's Ed25519 private key (PEM; refused if group or others may read it)",
+    )
+    message_ttl: float = setting(
+        "BULWARK_MESSAGE_TTL",
+        _seconds(1.0),
+        3600.0,
+        "seconds a signed message stays valid after it is sent (or after its ETA)",
+    )
+    clock_skew: float = setting(
+        "BULWARK_CLOCK_SKEW",
+        _seconds(0.0),
+        30.0,
+        "seconds a message may be issued ahead of the worker's clock",
+    )
+
     flower_user: str = setting("BULWARK_FLOWER_USER", _text(), "admin", "Flower basic-auth user")
     flower_password: str | None = setting(
         "BULWARK_FLOWER_PASSWORD",
@@ -410,16 +467,16 @@ class Settings:
 
     redis_url: str = setting(
         "REDIS_URL",
-        _url("redis", "rediss", "unix"),
+        _redis_url(),
         "redis://127.0.0.1:6379/0",
         "Redis for policies (and the broker/backend unless set apart)",
     )
     broker_url: str | None = setting(
-        "CELERY_BROKER_URL", _url("redis", "rediss", "unix"), None, "broker; defaults to REDIS_URL"
+        "CELERY_BROKER_URL", _redis_url(), None, "broker; defaults to REDIS_URL"
     )
     result_backend: str | None = setting(
         "CELERY_RESULT_BACKEND",
-        _url("redis", "rediss", "unix"),
+        _redis_url(),
         None,
         "result backend; defaults to REDIS_URL",
     )

@@ -19,15 +19,19 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 
 import redis
 from kombu.transport import redis as kombu_redis
 from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import dumps as kombu_dumps
 
 from policies.deadletter import DeadLetter, DeadLetterStore
+from policies.replay import Replays, state
 from workers.envelope import envelope_problem, kept_raw, parse_envelope
 from workers.resources import deadletters
+from workers.security.verifier import CONSUMED_FROM, JTI_SEEN, jti_of
 from workers.telemetry.metrics import metrics
 
 __all__ = ["GuardedChannel", "GuardedQoS", "GuardedTransport", "keep", "quarantine"]
@@ -80,7 +84,44 @@ def keep(letter: DeadLetter, broker: Any) -> DeadLetter | None:
 
 
 class GuardedQoS(kombu_redis.QoS):
-    """Restores unacked messages, quarantining entries of the `unacked` hash that do not parse."""
+    """Restores unacked messages, quarantining entries of the `unacked` hash that do not parse;
+    notes each signed message's jti as delivered, and as done when it is acknowledged, in
+    the round trips that record and remove the delivery (`policies.replay`)."""
+
+    def append(self, message: Any, delivery_tag: Any) -> None:
+        # kombu 5.7's `QoS.append`, with the replay record on the same pipeline.
+        delivery = message.delivery_info
+        exchange, routing_key = delivery["exchange"], delivery["routing_key"]
+        signed = jti_of(message.headers)
+        with self.pipe_or_acquire() as pipe:
+            pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()})
+            pipe.hset(self.unacked_key, delivery_tag, kombu_dumps([message._raw, exchange,
+                                                                   routing_key]))  # fmt: skip
+            seen = self._replays().queue_seen(pipe, *signed) if signed else None
+            results = pipe.execute(raise_on_error=False)
+        errors = [r for r in results[:2] if isinstance(r, Exception)]
+        if errors:
+            raise errors[0]
+        if seen is not None:
+            reply = seen.reply(results)
+            if not isinstance(reply, Exception):
+                setattr(message, JTI_SEEN, state(reply))
+        kombu_redis.virtual.QoS.append(self, message, delivery_tag)
+
+    def _replays(self) -> Replays:
+        replays: Replays | None = getattr(self, "_bulwark_replays", None)
+        if replays is None:
+            replays = self._bulwark_replays = Replays(self.channel.client)
+        return replays
+
+    def ack(self, delivery_tag: Any) -> None:
+        message = self._delivered.get(delivery_tag)
+        signed = jti_of(getattr(message, "headers", None))
+        pipe = self._remove_from_indices(delivery_tag)
+        if signed is not None and getattr(message, JTI_SEEN, None) is not None:
+            Replays.queue_done(pipe, signed[0])
+        pipe.execute()
+        kombu_redis.virtual.QoS.ack(self, delivery_tag)
 
     def restore_by_tag(self, tag: Any, client: Any = None, leftmost: bool = False) -> None:
         channel: GuardedChannel = self.channel
@@ -127,6 +168,14 @@ class GuardedChannel(kombu_redis.Channel):
     """kombu's Redis channel, parsing every popped item before delivering it."""
 
     QoS = GuardedQoS
+
+    def basic_consume(self, queue: str, no_ack: bool, callback: Any, consumer_tag: Any,
+                      **kwargs: Any) -> Any:  # fmt: skip
+        def noted(message: Any) -> Any:
+            setattr(message, CONSUMED_FROM, queue)  # the queue it came from, for verification
+            return callback(message)
+
+        return super().basic_consume(queue, no_ack, noted, consumer_tag, **kwargs)
 
     def _deliver_item(self, item: bytes, queue: str) -> None:
         envelope = parse_envelope(item)

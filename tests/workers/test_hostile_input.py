@@ -1,5 +1,10 @@
 """Anything on a queue: a real worker refuses what is malformed, keeps it with its reason,
-runs every good task next to it exactly once, and never stops."""
+runs every good task next to it exactly once, and never stops.
+
+Each crafted message is signed as an authorized producer would sign it (when it can be
+read at all), so that the checks past the signature are reached: these are the
+messages of a trusted producer with a bug. Forged and tampered messages are
+`tests/workers/test_security.py`'s."""
 
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from policies import keys
 from policies.deadletter import DeadLetterStore
 from tests.conftest import StartWorker
 from tests.kit import Worker, poll
+from tests.signing import sign_envelope
 from workers.client import client
 from workers.envelope import RAW_KEEP
 from workers.telemetry.http import wait_address
@@ -155,7 +161,7 @@ VARIANTS: list[tuple[str, Variant, str]] = [
 
 
 def push(r: redis.Redis, item: bytes | Envelope) -> None:
-    r.lpush(QUEUE, item if isinstance(item, bytes) else json.dumps(item))
+    r.lpush(QUEUE, item if isinstance(item, bytes) else json.dumps(sign_envelope(item, QUEUE)))
 
 
 def ready(url: str) -> int:

@@ -93,6 +93,8 @@ class TestRefusedMessages:
             "import os\n"
             "app = Celery('evil', broker=os.environ['REDIS_URL'])\n"
             "app.conf.update(task_serializer='pickle', accept_content=['pickle', 'json'])\n"
+            "from workers.security import signer\n"
+            "signer.connect()  # the README's signing hook for a plain Celery producer\n"
             "to = dict(queue='default', routing_key='default', exchange='bulwark')\n"
             f"app.send_task('bulwark.ping', args=['{evil}'], **to)\n"
             f"app.send_task('bulwark.ping', args=['{good}'], serializer='json', **to)\n",

@@ -13,7 +13,7 @@ import redis
 from policies.errors import PolicyConfigError
 from workers.app import app
 from workers.fleet import FleetUnreadable
-from workers.ops import alerts, deadletters, status
+from workers.ops import alerts, audit, deadletters, status
 from workers.ops.supervisor import ProcfileError, proc, up
 from workers.resources import RedisUnavailable, policy, wait_for_redis
 from workers.settings import SettingsError, describe, get_settings
@@ -129,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     alerts.register(sub)
     deadletters.register(sub)
+    audit.register(sub)
     return parser
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 import urllib.request
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -11,12 +13,10 @@ from pathlib import Path
 
 import pytest
 import redis
-from celery import Celery
-from celery.signals import before_task_publish
 from prometheus_client.parser import text_string_to_metric_families
 
 from policies import keys
-from tests.kit import poll
+from tests.kit import ROOT, child_env, poll
 from workers.client import client
 from workers.fleet import read_fleet
 from workers.telemetry.http import wait_address
@@ -41,13 +41,27 @@ def sample(samples: dict, name: str, **labels: str) -> float:  # type: ignore[ty
 README = Path(__file__).parents[3] / "README.md"
 
 
-def readme_stamp_hook() -> dict:  # type: ignore[type-arg]
-    """Run the README's producer hook (the block that stamps `bulwark_sent_at`)."""
+def readme_producer_hook() -> str:
+    """The README's hook for a plain Celery producer (the block that stamps `bulwark_sent_at`)."""
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     (hook,) = [b for b in blocks if "bulwark_sent_at" in b]
-    namespace: dict = {}  # type: ignore[type-arg]
-    exec(hook, namespace)  # the project's own README
-    return namespace
+    return hook
+
+
+def plain_producer(redis_url: str, hook: str, tokens: list[str]) -> None:
+    """Send pings from a plain Celery app in a process of its own, as another service would."""
+    code = (
+        "import os\nfrom celery import Celery\n"
+        + hook
+        + "\napp = Celery('plain', broker=os.environ['REDIS_URL'])\n"
+        + "app.conf.update(task_serializer='json', accept_content=['json'])\n"
+        + "".join(f"app.send_task('bulwark.ping', args=[{t!r}], queue='default')\n" for t in tokens)
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=child_env(redis_url), cwd=ROOT,
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
 
 
 class TestWorkerMetrics:
@@ -176,29 +190,22 @@ class TestExpired:
         assert f"task bulwark.ping[{late.id}] expired before it could run" in log
         assert r.llen(keys.key("diagnostics", "ping", "tokens")) == 0, "it did not run"
 
-    def test_queue_wait_of_a_plain_celery_producer(self, r: redis.Redis, start_worker) -> None:
-        """A producer with its own Celery app (nothing of Bulwark) and the README's hook."""
+    def test_queue_wait_of_a_plain_celery_producer(
+        self, r: redis.Redis, redis_url: str, start_worker
+    ) -> None:
+        """A producer with its own Celery app and the README's hook: its tasks are signed
+        (they run) and stamped (their queue wait is measured); signed alone, only run."""
         worker = start_worker(["default"], name="plain-producer")
         url = wait_address(r, worker.hostname)["url"]
-        plain = Celery("plain", broker=os.environ["REDIS_URL"])
-        plain.conf.update(task_serializer="json", accept_content=["json"])
-        unstamped = plain.send_task("bulwark.ping", args=["before the hook"], queue="default")
-        hook = readme_stamp_hook()
-        try:
-            stamped = [
-                plain.send_task("bulwark.ping", args=[f"hooked {n}"], queue="default")
-                for n in range(3)
-            ]
-        finally:
-            before_task_publish.disconnect(hook["stamp_sent_time"])
-        sent = [unstamped.id, *(s.id for s in stamped)]
+        plain_producer(redis_url, "from workers.security import signer\nsigner.connect()\n",
+                       ["signed, not stamped"])  # fmt: skip
+        plain_producer(redis_url, readme_producer_hook(), [f"hooked {n}" for n in range(3)])
 
         def runs() -> dict | None:  # type: ignore[type-arg]
             s = scrape(url)
-            n = sample(
-                s, "bulwark_task_runtime_seconds_count", task="bulwark.ping", queue="default"
-            )
-            return s if n >= len(sent) else None
+            name = "bulwark_task_runtime_seconds_count"
+            n = sample(s, name, task="bulwark.ping", queue="default")
+            return s if n >= 4 else None
 
         s = poll(runs, deadline=30, what="the plain producer's tasks run")
         waits = sample(

@@ -1,0 +1,183 @@
+"""Message signatures: who sent a task message, and that nothing that decides what runs
+was changed on the way.
+
+A producer signs, with its Ed25519 key, a canonical encoding of:
+- its claims: identity (`iss`), key id (`kid`), issued-at, expiry and a unique
+  id (`jti`, accepted once fleet-wide);
+- every message header (task name, task id, ETA, expiry, retries, time limits,
+  group, chain ids, Bulwark's own headers, ...) except the few that change in
+  transit or only carry observability context (`UNSIGNED`);
+- the queue it is sent to (so a message moved to another queue fails);
+- the content type and the SHA-256 of the exact body bytes (args, kwargs and
+  embedded callbacks/chains), so the worker verifies before decoding them.
+
+The claims and the signature travel in one header, `bulwark_sig`. Headers are
+passed in their JSON form (what both ends see after a JSON round trip), so
+the producer's tuples and the worker's lists encode alike.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from policies.authz import authorize
+from policies.trust import TrustStore
+
+__all__ = [
+    "SIG_HEADER",
+    "UNSIGNED",
+    "Claims",
+    "Verified",
+    "canonical",
+    "check_message",
+    "parse_claims",
+    "sign",
+    "signed_headers",
+]
+
+SIG_HEADER = "bulwark_sig"
+#: Headers outside the signature: the signature itself, kombu's redelivery mark, the
+#: sent time and trace context (observability, never what runs).
+UNSIGNED = frozenset(
+    {SIG_HEADER, "redelivered", "bulwark_sent_at", "traceparent", "tracestate", "baggage"}
+)
+_DOMAIN = b"bulwark-message-v1\n"
+_JTI = re.compile(r"^[0-9a-f]{32}$")
+_NAME = re.compile(r"^[A-Za-z0-9_.@:-]{1,128}$")
+
+
+def canonical(value: Any) -> bytes:
+    """One encoding for one value: sorted keys, no spaces, UTF-8, no NaN."""
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode("utf-8", "surrogatepass")
+
+
+def signed_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in headers.items() if k not in UNSIGNED}
+
+
+@dataclass(frozen=True, slots=True)
+class Claims:
+    iss: str
+    kid: str
+    iat: int
+    exp: int
+    jti: str
+
+
+def _input(
+    claims: Claims, headers: Mapping[str, Any], queue: str, body: bytes, content_type: str
+) -> bytes:
+    return _DOMAIN + canonical(
+        {
+            "claims": asdict(claims),
+            "headers": signed_headers(headers),
+            "queue": queue,
+            "content_type": content_type,
+            "body_sha256": hashlib.sha256(body).hexdigest(),
+        }
+    )
+
+
+def sign(
+    key: Ed25519PrivateKey,
+    claims: Claims,
+    headers: Mapping[str, Any],
+    queue: str,
+    body: bytes,
+    content_type: str,
+) -> dict[str, Any]:
+    """The `bulwark_sig` header value: the claims and their signature."""
+    signature = key.sign(_input(claims, headers, queue, body, content_type))
+    return {**asdict(claims), "sig": base64.b64encode(signature).decode()}
+
+
+def parse_claims(value: Any) -> tuple[Claims, bytes] | str:
+    """(claims, signature) from a `bulwark_sig` header, or why it is not one."""
+    if value is None:
+        return "message is not signed (no bulwark_sig header)"
+    if not isinstance(value, dict):
+        return "bulwark_sig is not an object"
+    try:
+        iss, kid, jti, sig = (value[k] for k in ("iss", "kid", "jti", "sig"))
+        iat, exp = value["iat"], value["exp"]
+    except KeyError as exc:
+        return f"bulwark_sig has no {exc.args[0]!r}"
+    if not all(isinstance(x, str) for x in (iss, kid, jti, sig)):
+        return "bulwark_sig fields iss, kid, jti and sig must be text"
+    if not (_NAME.match(iss) and _NAME.match(kid)):
+        return "bulwark_sig iss or kid is not a name"
+    if not _JTI.match(jti):
+        return "bulwark_sig jti is not 32 hex digits"
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in (iat, exp)):
+        return "bulwark_sig iat and exp must be whole seconds"
+    if len(sig) > 200:
+        return "bulwark_sig signature is too long"
+    try:
+        signature = base64.b64decode(sig, validate=True)
+    except (binascii.Error, ValueError):
+        return "bulwark_sig signature is not base64"
+    return Claims(iss, kid, iat, exp, jti), signature
+
+
+@dataclass(frozen=True, slots=True)
+class Verified:
+    claims: Claims
+    role: str
+
+
+def check_message(
+    trust: TrustStore,
+    headers: Mapping[str, Any],
+    queue: str,
+    body: bytes,
+    content_type: str,
+    *,
+    now: float,
+    skew: float = 30.0,
+) -> Verified | str:
+    """Verify a received message: signature, key, validity, expiry, authorization.
+
+    Returns what was verified, or the reason it is refused. The replay check (the
+    jti, once fleet-wide) needs Redis and is the caller's.
+    """
+    parsed = parse_claims(headers.get(SIG_HEADER))
+    if isinstance(parsed, str):
+        return parsed
+    claims, signature = parsed
+    identity = trust.identity(claims.iss)
+    if identity is None:
+        return f"unknown producer {claims.iss!r}"
+    key = trust.key(claims.iss, claims.kid)
+    if key is None:
+        return f"unknown key {claims.kid!r} for producer {claims.iss!r}"
+    problem = key.problem(datetime.fromtimestamp(now, UTC))
+    if problem is not None:
+        return problem
+    try:
+        key.public.verify(signature, _input(claims, headers, queue, body, content_type))
+    except InvalidSignature:
+        return f"bad signature (producer {claims.iss!r}, key {claims.kid})"
+    except (TypeError, ValueError) as exc:  # a header kombu decoded to something not JSON
+        return f"cannot verify: {exc}"
+    if claims.iat > now + skew:
+        return f"issued {claims.iat - now:.0f} s in the future (clock skew allowed: {skew:g} s)"
+    if claims.exp < now:
+        return f"expired {now - claims.exp:.0f} s ago"
+    task = headers.get("task")
+    refused = authorize(identity.grant, str(task), queue, len(body))
+    if refused is not None:
+        return f"producer {claims.iss!r} {refused}"
+    return Verified(claims, identity.role)

@@ -1,0 +1,93 @@
+"""Verification in the consumer: before a task is looked up, its arguments decoded or a
+result written, the message's signature, key, expiry, replay id and the producer's
+authorization are checked (`policies.signing.check_message`).
+
+The queue checked is the one the message was taken from (`GuardedChannel` notes
+it on the message), so a signed message moved to another queue is refused.
+The replay state comes from the transport too (`GuardedQoS` notes the jti in
+the same round trip that records the delivery); a transport that does not note
+it costs one round trip here.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import redis
+
+from policies.replay import Replays, Seen
+from policies.signing import Verified, check_message, parse_claims
+from workers.resources import broker_redis
+from workers.security.context import security
+from workers.security.signer import plain_headers
+
+__all__ = ["CONSUMED_FROM", "JTI_SEEN", "message_problem"]
+
+#: Set on a kombu message by the transport: the queue it was taken from.
+CONSUMED_FROM = "bulwark_consumed_from"
+#: Set on a kombu message by the transport: what the replay record said of its jti.
+JTI_SEEN = "bulwark_jti_seen"
+
+
+def _queue(message: Any) -> str:
+    found = getattr(message, CONSUMED_FROM, None)
+    if isinstance(found, str):
+        return found
+    delivery = getattr(message, "delivery_info", None) or {}
+    key = delivery.get("routing_key")
+    return key if isinstance(key, str) else ""
+
+
+def _seen(message: Any, verified: Verified) -> Seen:
+    found = getattr(message, JTI_SEEN, None)
+    if found is not None:
+        return found  # type: ignore[no-any-return]
+    return Replays(broker_redis()).seen(verified.claims.jti, verified.claims.exp)
+
+
+def message_problem(message: Any) -> str | None:
+    """Why a task message may not run (security), or None. Never decodes the body."""
+    context = security()
+    if not context.enabled:
+        return None
+    problem = context.verifying_problem()
+    if problem is not None:
+        return problem
+    assert context.trust is not None
+    headers = message.headers
+    body = message.body
+    data = body if isinstance(body, bytes) else str(body).encode("utf-8", "surrogatepass")
+    try:
+        plain = plain_headers(headers)
+    except (TypeError, ValueError, RecursionError) as exc:
+        return f"security: headers cannot be verified: {type(exc).__name__}"
+    plain["bulwark_sig"] = headers.get("bulwark_sig")
+    verdict = check_message(
+        context.trust.get(),
+        plain,
+        _queue(message),
+        data,
+        str(message.content_type or ""),
+        now=time.time(),
+        skew=context.settings.clock_skew,
+    )
+    if isinstance(verdict, str):
+        return f"security: {verdict}"
+    try:
+        seen = _seen(message, verdict)
+    except redis.RedisError as exc:
+        return f"security: replay record unreachable ({exc}); not run"
+    if seen == "replayed":
+        return f"security: replayed message (jti {verdict.claims.jti} already ran)"
+    return None
+
+
+def jti_of(headers: Any) -> tuple[str, int] | None:
+    """(jti, exp) of a message's signature header, if it has a well-formed one."""
+    if not isinstance(headers, dict):
+        return None
+    parsed = parse_claims(headers.get("bulwark_sig"))
+    if isinstance(parsed, str):
+        return None
+    return parsed[0].jti, parsed[0].exp
