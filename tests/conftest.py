@@ -18,7 +18,7 @@ from tests import kit
 from tests.kit import Worker
 from workers import guard, resources, settings
 from workers.ops.embedded import EmbeddedRedis
-from workers.security import context
+from workers.security import audit, context
 from workers.security.keys import dev_keys
 
 StartWorker = Callable[..., Worker]
@@ -101,6 +101,7 @@ def _settings_from_test_env(
     settings.get_settings.cache_clear()
     resources.forget()
     context.forget()
+    audit.forget()
     guard.forget_guards()
 
 

@@ -13,7 +13,7 @@ from celery import Celery
 
 from workers import lifecycle, quiet
 from workers.celeryconfig import build_config
-from workers.security import signer
+from workers.security import audit, signer
 from workers.settings import get_settings
 from workers.task import ResilientTask
 from workers.telemetry import logs, metrics, probes, tracing
@@ -47,5 +47,5 @@ app.add_defaults(lambda: build_config(get_settings()))
 
 # Signal handlers live with what they serve: lifecycle (preflight, listeners,
 # heartbeats), logs, metrics and probes, tracing (each set up after the worker forks).
-for module in (lifecycle, logs, metrics, probes, quiet, tracing, signer):
+for module in (lifecycle, logs, metrics, probes, quiet, tracing, audit, signer):
     module.connect()  # signer last: it signs a message's headers as the others left them

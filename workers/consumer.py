@@ -26,6 +26,7 @@ from vine import promise
 from policies.deadletter import DeadLetter
 from workers.envelope import body_problem, eta_problem, header_problem, kept_raw
 from workers.resources import broker_redis
+from workers.security.audit import Action, record_message
 from workers.security.verifier import message_problem
 from workers.settings import get_settings
 from workers.transport import keep
@@ -75,6 +76,7 @@ class GuardedConsumer(Consumer):  # type: ignore[misc]
         except Exception:  # a message too odd to describe: still keep what can be kept
             logger.exception("could not describe a refused message (%s)", reason)
             letter = DeadLetter(task_name="<unknown>", reason=reason)
+        record_message(Action.MESSAGE_REJECTED, message, reason=reason)
         kept = keep(letter, broker_redis())
         if kept is None:
             logger.error("could not dead-letter a refused message (%s)", reason)
@@ -117,6 +119,7 @@ class GuardedConsumer(Consumer):  # type: ignore[misc]
                 problem = self._problem(message)
                 if problem is not None:
                     return self._refuse(message, problem)
+                record_message(Action.MESSAGE_ACCEPTED, message)
                 return handle(message)
             except Exception as exc:
                 logger.warning("a message made the worker's handler raise", exc_info=True)

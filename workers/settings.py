@@ -16,6 +16,7 @@ import re
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 __all__ = [
@@ -402,6 +403,30 @@ class SecuritySettings:
         3600.0,
         "seconds a signed message stays valid after it is sent (or after its ETA)",
     )
+    keys_dir: str | None = setting(
+        "BULWARK_KEYS_DIR",
+        _text(),
+        None,
+        "folder of the keys `bulwark up` and `bulwark keys` keep (default: .bulwark/keys)",
+    )
+    audit_key_file: str | None = setting(
+        "BULWARK_AUDIT_KEY_FILE",
+        _text(),
+        None,
+        "Ed25519 private key that signs audit checkpoints (no audit log if unset)",
+    )
+    audit_public_key_file: str | None = setting(
+        "BULWARK_AUDIT_PUBLIC_KEY_FILE",
+        _text(),
+        None,
+        "the audit public key, for `bulwark audit verify`",
+    )
+    audit_dir: str | None = setting(
+        "BULWARK_AUDIT_DIR",
+        _text(),
+        None,
+        "folder of the audit log's JSON-lines files (one per process); Redis stream only if unset",
+    )
     clock_skew: float = setting(
         "BULWARK_CLOCK_SKEW",
         _seconds(0.0),
@@ -520,6 +545,11 @@ class Settings:
         """The longest countdown Bulwark ever schedules (retry, deferral)."""
         r = self.resilience
         return max(r.retry_max_delay, r.defer_max_delay, r.breaker_timeout)
+
+    @property
+    def keys_folder(self) -> Path:
+        """Where `bulwark up` and `bulwark keys` keep keys."""
+        return Path(self.security.keys_dir or ".bulwark/keys")
 
     @property
     def countdown_horizon(self) -> float:

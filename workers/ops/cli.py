@@ -13,9 +13,10 @@ import redis
 from policies.errors import PolicyConfigError
 from workers.app import app
 from workers.fleet import FleetUnreadable
-from workers.ops import alerts, audit, deadletters, status
+from workers.ops import alerts, audit, deadletters, keys, status
 from workers.ops.supervisor import ProcfileError, proc, up
 from workers.resources import RedisUnavailable, policy, wait_for_redis
+from workers.security.keys import KeyFileError
 from workers.settings import SettingsError, describe, get_settings
 from workers.telemetry.redact import redact
 
@@ -130,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     alerts.register(sub)
     deadletters.register(sub)
     audit.register(sub)
+    keys.register(sub)
     return parser
 
 
@@ -140,6 +142,7 @@ EXPECTED = (
     FleetUnreadable,
     NotApplied,
     ProcfileError,
+    KeyFileError,
 )
 
 

@@ -15,7 +15,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from honcho.environ import parse_procfile
@@ -23,6 +23,7 @@ from honcho.environ import parse_procfile
 from workers.ops.embedded import EmbeddedRedis
 from workers.ops.manager import SupervisedManager
 from workers.resources import redact_url, wait_for_redis
+from workers.security.keys import dev_keys
 from workers.settings import Settings
 
 
@@ -35,6 +36,28 @@ class Fleet:
     flower_user: str
     flower_password: str
     flower_password_generated: bool
+    #: Per process, the variables of its identity (development keys), if `up` made them.
+    identities: dict[str, dict[str, str]] | None = None
+    keys_folder: Path | None = None
+
+    def env_of(self, name: str) -> dict[str, str]:
+        return {**self.env, **(self.identities or {}).get(name, {})}
+
+
+#: Who each Procfile process signs as, with the development keys.
+IDENTITY_OF = {"flower": "operator", "demo": "demo"}
+
+
+def with_dev_keys(fleet: Fleet, settings: Settings) -> Fleet:
+    """With security on and no trust store given: development keys in the keys folder
+    (made once, kept across runs), an identity for each process, and an audit log."""
+    if not settings.security.enabled or settings.security.trust_file:
+        return fleet
+    folder = settings.keys_folder.resolve()
+    keys = dev_keys(folder)
+    fleet.env.setdefault("BULWARK_AUDIT_DIR", str(folder.parent / "audit"))
+    identities = {name: keys.env(IDENTITY_OF.get(name, "worker")) for name in fleet.processes}
+    return replace(fleet, identities=identities, keys_folder=folder)
 
 
 class ProcfileError(RuntimeError):
@@ -130,6 +153,11 @@ def banner(fleet: Fleet, redis_url: str, embedded: bool, flower_port: int) -> st
         )
         url = f"http://127.0.0.1:{flower_port}/"
         lines.append(f"  Flower    {url}  user {fleet.flower_user}  password {shown}")
+    if fleet.keys_folder is not None:
+        lines.append(
+            f"  Keys      {fleet.keys_folder}  (a producer: bulwark keys new-producer NAME "
+            "--allow 'payments.*')"
+        )
     lines += [
         f"  Status    REDIS_URL={redact_url(redis_url)} bulwark status",
         f"  Dead      REDIS_URL={redact_url(redis_url)} bulwark deadletter list",
@@ -163,13 +191,16 @@ def up(
         (state_dir / "tmp").mkdir()
         fleet.env["TMPDIR"] = str(state_dir / "tmp")
         fleet.env.setdefault("BULWARK_METRICS_DIR", str(state_dir / "metrics"))
+        fleet = with_dev_keys(fleet, settings)
         print(
             banner(fleet, redis_url, embedded is not None, settings.security.flower_port),
             flush=True,
         )
         manager = SupervisedManager(redis_url=redis_url)
         for name, cmd in fleet.processes.items():
-            manager.add_process(name, cmd, env=fleet.env, cwd=str(procfile.resolve().parent))
+            manager.add_process(
+                name, cmd, env=fleet.env_of(name), cwd=str(procfile.resolve().parent)
+            )
         manager.loop()
         return int(manager.returncode or 0)
     finally:

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_private_key,
 )
 
+from policies.audit import public_key_pem
 from policies.authz import Grant
 from policies.trust import Identity, KeyEntry, TrustError, TrustStore, key_id
 
@@ -121,10 +122,13 @@ def add_identity(
 
 @dataclass(frozen=True, slots=True)
 class DevKeys:
-    """Development keys for `bulwark up` and the tests: one identity per role."""
+    """Development keys for `bulwark up` and the tests: one identity per role, and the
+    audit key."""
 
     trust_file: Path
     key_files: dict[str, Path]
+    audit_key: Path
+    audit_public_key: Path
 
     def env(self, identity: str) -> dict[str, str]:
         """The variables a process signing as `identity` needs."""
@@ -132,7 +136,20 @@ class DevKeys:
             "BULWARK_TRUST_FILE": str(self.trust_file),
             "BULWARK_IDENTITY": identity,
             "BULWARK_SIGNING_KEY_FILE": str(self.key_files[identity]),
+            "BULWARK_AUDIT_KEY_FILE": str(self.audit_key),
+            "BULWARK_AUDIT_PUBLIC_KEY_FILE": str(self.audit_public_key),
         }
+
+
+def audit_keys(folder: Path) -> tuple[Path, Path]:
+    """The audit key pair in `folder` (made once): (private, public) PEM files."""
+    private, public = folder / "audit.pem", folder / "audit.pub.pem"
+    if not private.exists():
+        key = Ed25519PrivateKey.generate()
+        write_private(private, key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8,
+                                                 NoEncryption()))  # fmt: skip
+        public.write_bytes(public_key_pem(key))
+    return private, public
 
 
 #: The demo producer may send the catalogue's tasks and nothing else.
@@ -155,4 +172,4 @@ def dev_keys(folder: Path) -> DevKeys:
             continue
         _kid, files[name] = add_identity(trust_file, folder, name, role=role, tasks=tasks)
         store = read_trust(trust_file)
-    return DevKeys(trust_file, files)
+    return DevKeys(trust_file, files, *audit_keys(folder))

@@ -23,7 +23,9 @@ from policies.deadletter import DeadLetterStore
 from tests.kit import ROOT, child_env, poll
 from workers.client import client
 from workers.fleet import heartbeat_key
-from workers.settings import Settings
+from workers.security import context
+from workers.security.keys import dev_keys
+from workers.settings import Settings, get_settings
 
 pytestmark = pytest.mark.integration
 
@@ -78,9 +80,14 @@ SHORT = {
 class TestUp:
     """`bulwark up` starts the fleet, tasks flow into Flower, Ctrl-C stops everything."""
 
-    def test_fleet_runs_and_stops_cleanly(self, tmp_path: Path) -> None:
+    def test_fleet_runs_and_stops_cleanly(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
         port = free_port()
-        env = child_env("", {"BULWARK_FLOWER_PORT": str(port), "TMPDIR": str(tmp_path), **SHORT})
+        folder = tmp_path / "keys"  # no keys given: `up` makes development keys here
+        extra = {"BULWARK_FLOWER_PORT": str(port), "TMPDIR": str(tmp_path),
+                 "BULWARK_KEYS_DIR": str(folder), **SHORT}  # fmt: skip
+        env = child_env("", extra, keys=False)
         env.pop("REDIS_URL")
         log = (tmp_path / "up.log").open("w+")
         up = subprocess.Popen(
@@ -126,6 +133,12 @@ class TestUp:
             # nothing else stops, and no charge is lost (run once, or kept as interrupted).
             url = f"redis://127.0.0.1:{redis_port}/0"
             broker = redis.Redis.from_url(url)
+            assert f"Keys      {folder}" in output()
+            # This test sends as the fleet's operator, with the keys `up` made.
+            for name, value in dev_keys(folder).env("operator").items():
+                monkeypatch.setenv(name, value)
+            get_settings.cache_clear()
+            context.forget()
             app = client(Settings.from_env({"REDIS_URL": url, **SHORT}))
             slow = keys.key("demo", "payments", "latency")
             broker.set(slow, "4")
@@ -192,7 +205,8 @@ class TestUp:
         assert plain == [], "\n".join(plain[:20])
         assert code in (0, 130), output()
         assert session_members(children | {up.pid}) == []
-        leftovers = [p.name for p in tmp_path.iterdir() if p.name != "up.log"]
+        kept = {"up.log", "keys", "audit"}  # the log, and what `up` keeps across runs
+        leftovers = [p.name for p in tmp_path.iterdir() if p.name not in kept]
         assert leftovers == [], "temporary folders are removed"
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", redis_port)) != 0, "embedded redis is stopped"
