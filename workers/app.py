@@ -13,7 +13,7 @@ from celery import Celery
 
 from workers import lifecycle, quiet
 from workers.celeryconfig import build_config
-from workers.security import audit, signer
+from workers.security import audit, results, signer
 from workers.settings import get_settings
 from workers.task import ResilientTask
 from workers.telemetry import logs, metrics, probes, tracing
@@ -25,7 +25,14 @@ class Bulwark(Celery):  # type: ignore[misc]
     Celery builds task classes lazily (when the app is finalized); Bulwark checks
     a task's policy names and options when the decorator runs, so a typo fails
     at import with a message naming it, not when the first job arrives.
+
+    Remote control is signed and verified (`workers.security.control`): every command
+    this app sends (`app.control`, also Flower's) carries its identity's signature, and
+    a worker's pidbox obeys only commands a trusted identity with the right role signed.
     """
+
+    #: Celery's own hook for the remote-control class (`Celery(control=...)`).
+    control_cls = "workers.security.control:SignedControl"
 
     def task(self, *args: Any, **opts: Any) -> Any:
         base = opts.get("base")
@@ -44,6 +51,7 @@ class Bulwark(Celery):  # type: ignore[misc]
 
 app = Bulwark("bulwark", include=["tasks.catalogue", "tasks.beat", "tasks.health", "tasks.alerts"])
 app.add_defaults(lambda: build_config(get_settings()))
+results.install(app)  # results are signed and verified (workers.security.results)
 
 # Signal handlers live with what they serve: lifecycle (preflight, listeners,
 # heartbeats), logs, metrics and probes, tracing (each set up after the worker forks).

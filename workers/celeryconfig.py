@@ -41,6 +41,7 @@ def build_config(settings: Settings) -> dict[str, Any]:
     scaling = settings.scaling
     return {
         "broker_url": settings.broker,
+        # Signed by the worker, verified on read: `workers.security.results.install`.
         "result_backend": settings.backend,
         # JSON only: pickle (or anything else) is refused before it is decoded.
         "accept_content": ["json"],

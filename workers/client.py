@@ -19,7 +19,7 @@ from celery import Celery
 
 from policies.authz import authorize
 from workers.celeryconfig import build_config
-from workers.security import signer
+from workers.security import results, signer
 from workers.security.context import Security, security
 from workers.settings import Settings, get_settings
 from workers.telemetry import metrics, tracing
@@ -145,6 +145,7 @@ def client(settings: Settings | None = None, *, name: str = "bulwark-client") ->
     settings = settings or get_settings()
     config = build_config(settings)
     app = Producer(name)
+    results.install(app)
     app.conf.update({k: config[k] for k in PRODUCER_KEYS})
     app.horizon = settings.countdown_horizon
     return app

@@ -29,6 +29,7 @@ from tests.signing import sign_envelope
 from workers.client import EnqueueRefused, client
 from workers.security.context import Security, TrustCache
 from workers.security.keys import add_identity, load_private_key, read_trust, write_trust
+from workers.security.results import ResultRefused
 from workers.settings import get_settings
 
 pytestmark = pytest.mark.integration
@@ -262,3 +263,39 @@ def test_trust_cache_reloads_a_changed_file(tmp_path: Path) -> None:
     assert cache.get().identity("late") is not None
     trust.write_text("not = [toml")
     assert cache.get().identity("late") is not None, "a broken file keeps the last good store"
+
+
+class TestResults:
+    """Results are signed by the worker that wrote them; a forged one is never decoded."""
+
+    def test_forged_results_are_refused(
+        self, r: redis.Redis, worker: Worker, tmp_path: Path
+    ) -> None:
+        app = client()
+        real = app.send_task("bulwark.ping", args=["signed-result"])
+        assert real.get(timeout=30)["token"] == "signed-result", "a signed result reads"
+        canary = tmp_path / "pwned"
+        forged = {
+            "status": "FAILURE",
+            "result": {
+                "exc_type": "system",
+                "exc_module": "os",
+                "exc_message": [f"touch {canary}"],
+            },
+            "traceback": None,
+            "task_id": "forged-1",
+        }
+        r.set("celery-task-meta-forged-1", json.dumps(forged))
+        with pytest.raises(ResultRefused, match="not signed"):
+            app.AsyncResult("forged-1").get(timeout=5)
+        # A real, signed result copied under another task's id names its own task.
+        r.set("celery-task-meta-copied-1", r.get(f"celery-task-meta-{real.id}") or b"")
+        with pytest.raises(ResultRefused, match="names another task"):
+            app.AsyncResult("copied-1").get(timeout=5)
+        # A result whose signed payload was edited.
+        wrapper = json.loads(r.get(f"celery-task-meta-{real.id}") or b"{}")
+        wrapper["payload"] = wrapper["payload"].replace("signed-result", "edited-result")
+        r.set("celery-task-meta-edited-1", json.dumps(wrapper))
+        with pytest.raises(ResultRefused, match="bad signature"):
+            app.AsyncResult("edited-1").get(timeout=5)
+        assert not canary.exists(), "nothing named in a forged result was imported or run"

@@ -1,0 +1,108 @@
+"""Signed results: a result is stored with the signature of the process that wrote it,
+and refused on read unless a trusted identity signed it.
+
+Without this, whoever can write to Redis can forge a task's result, and a forged
+FAILURE names the exception class a reader will import and build (Celery turns
+`exc_module`/`exc_type` into an exception object). `SignedRedisBackend` wraps
+every value it writes (task results, group results) as
+
+    {"bulwark_result": 1, "payload": <Celery's JSON>, "iss": ..., "kid": ..., "sig": ...}
+
+signed with Ed25519 over a domain tag and the payload, whose meta holds the task
+id; a read verifies the signature against the trust store before Celery decodes
+anything, and checks that a task's meta names that task. With security off it
+is Celery's Redis backend, unchanged.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from celery.backends.redis import RedisBackend
+from cryptography.exceptions import InvalidSignature
+from kombu.utils.encoding import bytes_to_str
+
+from workers.security.context import security
+
+__all__ = ["ResultRefused", "SignedRedisBackend", "install"]
+
+_DOMAIN = b"bulwark-result-v1\n"
+MARK = "bulwark_result"
+
+
+class ResultRefused(Exception):
+    """A stored result is not signed by a trusted identity: it is not decoded."""
+
+
+def install(app: Any) -> None:
+    """Make `redis://` and `rediss://` result backends of `app` `SignedRedisBackend`.
+
+    Through the loader's backend aliases, not the URL: `celery worker` sets
+    `result_backend` from CELERY_RESULT_BACKEND itself, past Bulwark's config.
+    """
+    name = f"{__name__}:SignedRedisBackend"
+    app.loader.override_backends = {**app.loader.override_backends, "redis": name, "rediss": name}
+
+
+class SignedRedisBackend(RedisBackend):  # type: ignore[misc]
+    def encode(self, data: Any) -> Any:
+        payload = super().encode(data)
+        context = security()
+        if not context.enabled or context.key is None:
+            return payload
+        text = bytes_to_str(payload)
+        signature = context.key.sign(_DOMAIN + text.encode("utf-8"))
+        return json.dumps(
+            {
+                MARK: 1,
+                "payload": text,
+                "iss": context.identity,
+                "kid": context.kid,
+                "sig": base64.b64encode(signature).decode(),
+            }
+        )
+
+    def decode(self, payload: Any) -> Any:
+        if payload is None or not security().enabled:
+            return super().decode(payload)
+        return super().decode(verified(payload))
+
+    def _get_task_meta_for(self, task_id: Any) -> Any:
+        meta = super()._get_task_meta_for(task_id)
+        stored = meta.get("task_id")
+        if stored is not None and bytes_to_str(stored) != bytes_to_str(task_id):
+            raise ResultRefused(f"result of {task_id} names another task ({stored})")
+        return meta
+
+
+def verified(payload: Any) -> str:
+    """The inner payload of a signed result, or `ResultRefused` saying why not."""
+    context = security()
+    trust = context.trust.get() if context.trust is not None else None
+    if trust is None:
+        raise ResultRefused("no trust store to verify results (BULWARK_TRUST_FILE)")
+    try:
+        wrapper = json.loads(bytes_to_str(payload))
+    except (ValueError, UnicodeDecodeError):
+        raise ResultRefused("stored result is not signed (not JSON)") from None
+    if not isinstance(wrapper, dict) or wrapper.get(MARK) != 1:
+        raise ResultRefused("stored result is not signed")
+    inner, iss, kid, sig = (wrapper.get(k) for k in ("payload", "iss", "kid", "sig"))
+    if not all(isinstance(x, str) for x in (inner, iss, kid, sig)):
+        raise ResultRefused("stored result's signature is malformed")
+    key = trust.key(iss, kid)
+    if key is None:
+        raise ResultRefused(f"stored result signed by unknown key {kid!r} of {iss!r}")
+    problem = key.problem(datetime.fromtimestamp(time.time(), UTC))
+    if problem is not None:
+        raise ResultRefused(f"stored result: {problem}")
+    try:
+        key.public.verify(base64.b64decode(sig, validate=True), _DOMAIN + inner.encode("utf-8"))
+    except (InvalidSignature, binascii.Error, ValueError):
+        raise ResultRefused(f"stored result has a bad signature ({iss!r}, {kid})") from None
+    return inner  # type: ignore[return-value]
