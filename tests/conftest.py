@@ -18,7 +18,7 @@ from tests import kit
 from tests.kit import Worker
 from workers import guard, resources, settings
 from workers.ops.embedded import EmbeddedRedis
-from workers.security import audit, context
+from workers.security import audit, context, sealed
 from workers.security.keys import dev_keys
 
 StartWorker = Callable[..., Worker]
@@ -102,6 +102,7 @@ def _settings_from_test_env(
     resources.forget()
     context.forget()
     audit.forget()
+    sealed.forget()
     guard.forget_guards()
 
 

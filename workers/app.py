@@ -13,7 +13,7 @@ from celery import Celery
 
 from workers import lifecycle, quiet
 from workers.celeryconfig import build_config
-from workers.security import audit, results, signer
+from workers.security import audit, results, sealed, signer
 from workers.settings import get_settings
 from workers.task import ResilientTask
 from workers.telemetry import logs, metrics, probes, tracing
@@ -33,6 +33,11 @@ class Bulwark(Celery):  # type: ignore[misc]
 
     #: Celery's own hook for the remote-control class (`Celery(control=...)`).
     control_cls = "workers.security.control:SignedControl"
+
+    def send_task(self, name: str, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+        """Celery's, with the arguments of an encrypted task sealed (a retry is sealed anew)."""
+        args, kwargs = sealed.seal_send(name, args, kwargs, options)
+        return super().send_task(name, args, kwargs, **options)
 
     def task(self, *args: Any, **opts: Any) -> Any:
         base = opts.get("base")
@@ -55,5 +60,5 @@ results.install(app)  # results are signed and verified (workers.security.result
 
 # Signal handlers live with what they serve: lifecycle (preflight, listeners,
 # heartbeats), logs, metrics and probes, tracing (each set up after the worker forks).
-for module in (lifecycle, logs, metrics, probes, quiet, tracing, audit, signer):
+for module in (lifecycle, logs, metrics, probes, quiet, tracing, audit, sealed, signer):
     module.connect()  # signer last: it signs a message's headers as the others left them

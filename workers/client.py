@@ -19,7 +19,7 @@ from celery import Celery
 
 from policies.authz import authorize
 from workers.celeryconfig import build_config
-from workers.security import results, signer
+from workers.security import results, sealed, signer
 from workers.security.context import Security, security
 from workers.settings import Settings, get_settings
 from workers.telemetry import metrics, tracing
@@ -80,6 +80,8 @@ class Producer(Celery):  # type: ignore[misc]
 
     horizon: float = float("inf")
     _rate = _Rate()
+    #: Remote control commands are signed too (`workers.security.control`).
+    control_cls = "workers.security.control:SignedControl"
 
     def _security_problem(
         self, context: Security, name: str, args: Any, kwargs: Any, options: dict[str, Any]
@@ -128,6 +130,7 @@ class Producer(Celery):  # type: ignore[misc]
             problem = self._security_problem(context, name, args, kwargs, options)
             if problem is not None:
                 raise EnqueueRefused(f"{name}: {problem}. Nothing was sent.")
+        args, kwargs = sealed.seal_send(name, args, kwargs, options)
         return super().send_task(name, args, kwargs, countdown=countdown, eta=eta, **options)
 
 

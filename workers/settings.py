@@ -4,6 +4,13 @@ Every field names its environment variable and what it accepts. Values are
 parsed and validated together; a bad value raises `SettingsError`, which names
 each offending variable and what it accepts. Durations are float seconds.
 Nothing is read at import: call `Settings.from_env()` (or `get_settings()`).
+
+A secret setting (`secret=True`) holds a `workers.secrets.Secret` (it shows
+`'********'`; `.reveal()` gives the value), read from `NAME` or from the file
+named by `NAME_FILE` (a mounted Docker/Kubernetes secret, mode 0600). The
+process's settings (`get_settings()`) hand every secret value to the log
+redaction, which masks it wherever it appears. `BULWARK_PROFILE=production`
+refuses settings that are only fit for development (`Settings.production_problems`).
 """
 
 from __future__ import annotations
@@ -19,7 +26,20 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from workers.secrets import (
+    Secret,
+    SecretFileError,
+    cert_reqs,
+    hide_password,
+    plaintext_remote,
+    read_secret_file,
+    url_password,
+    with_password,
+)
+from workers.telemetry.redact import remember_secrets
+
 __all__ = [
+    "FILE_SUFFIX",
     "ObservabilitySettings",
     "ResilienceSettings",
     "ScalingSettings",
@@ -27,6 +47,7 @@ __all__ = [
     "Settings",
     "SettingsError",
     "get_settings",
+    "secret_variables",
 ]
 
 
@@ -160,6 +181,16 @@ def _redis_url() -> Parser:
     )
 
 
+def _globs() -> Parser:
+    def parse(raw: str) -> tuple[str, ...]:
+        globs = tuple(g.strip() for g in raw.split(",") if g.strip())
+        if not globs or any(not re.fullmatch(r"[A-Za-z0-9_.*@:-]{1,200}", g) for g in globs):
+            raise ValueError
+        return globs
+
+    return Parser(parse, "a comma-separated list of task-name globs (payments.*, *.charge)")
+
+
 def _text() -> Parser:
     def parse(raw: str) -> str:
         if not raw.strip():
@@ -170,9 +201,17 @@ def _text() -> Parser:
 
 
 def setting(env: str, parser: Parser, default: Any, doc: str, *, secret: bool = False) -> Any:
-    """Declare a settings field bound to environment variable `env`."""
+    """Declare a settings field bound to environment variable `env`.
+
+    A secret one (`secret=True`) holds a `Secret`, and is also read from the file that
+    `<env>_FILE` names; its value is never shown (errors say `<secret>`).
+    """
     meta = {"env": env, "parser": parser, "doc": doc, "secret": secret}
     return field(default=default, metadata=meta)
+
+
+#: What a secret setting's variable name gets to name the file holding it instead.
+FILE_SUFFIX = "_FILE"
 
 
 # --- groups
@@ -281,6 +320,13 @@ class ObservabilitySettings:
         300.0,
         "seconds a dead-letter growth alert keeps firing after the last new dead letter",
     )
+    alert_security_refusals: int = setting(
+        "BULWARK_ALERT_SECURITY_REFUSALS",
+        _int(0),
+        10,
+        "task messages refused by verification within a minute, fleet-wide, above which "
+        "a security alert fires",
+    )
     alert_log: bool = setting("BULWARK_ALERT_LOG", _bool(), True, "log every alert notification")
     alert_webhook_url: str | None = setting(
         "BULWARK_ALERT_WEBHOOK_URL",
@@ -375,6 +421,14 @@ class ObservabilitySettings:
 class SecuritySettings:
     """Message authentication, encryption, audit and the operator UI."""
 
+    profile: str = setting(
+        "BULWARK_PROFILE",
+        _choice("development", "production"),
+        "development",
+        "production refuses to start with BULWARK_SECURITY=off, plaintext redis:// off this "
+        "host, a rediss:// URL without ssl_cert_reqs=required, Flower without a password, or "
+        "no BULWARK_AUDIT_KEY_FILE",
+    )
     enabled: bool = setting(
         "BULWARK_SECURITY",
         _bool(),
@@ -433,9 +487,21 @@ class SecuritySettings:
         30.0,
         "seconds a message may be issued ahead of the worker's clock",
     )
+    encrypt: tuple[str, ...] = setting(
+        "BULWARK_ENCRYPT",
+        _globs(),
+        (),
+        "task-name globs whose arguments and results are encrypted (AES-256-GCM), e.g. payments.*",
+    )
+    data_keys_file: str | None = setting(
+        "BULWARK_DATA_KEYS_FILE",
+        _text(),
+        None,
+        "the data key ring of encrypted tasks (JSON, mode 0600; `bulwark keys data-rotate`)",
+    )
 
     flower_user: str = setting("BULWARK_FLOWER_USER", _text(), "admin", "Flower basic-auth user")
-    flower_password: str | None = setting(
+    flower_password: Secret | None = setting(  # noqa: RUF009 (a field, as every setting)
         "BULWARK_FLOWER_PASSWORD",
         _text(),
         None,
@@ -443,14 +509,14 @@ class SecuritySettings:
         secret=True,
     )
     flower_port: int = setting("BULWARK_FLOWER_PORT", _port(), 5555, "Flower port on 127.0.0.1")
-    alert_webhook_secret: str | None = setting(
+    alert_webhook_secret: Secret | None = setting(  # noqa: RUF009 (a field, as every setting)
         "BULWARK_ALERT_WEBHOOK_SECRET",
         _text(),
         None,
         "shared secret of the alert webhook's HMAC-SHA256 signature",
         secret=True,
     )
-    alert_smtp_password: str | None = setting(
+    alert_smtp_password: Secret | None = setting(  # noqa: RUF009 (a field, as every setting)
         "BULWARK_ALERT_SMTP_PASSWORD", _text(), None, "SMTP login password", secret=True
     )
 
@@ -505,6 +571,14 @@ class Settings:
         None,
         "result backend; defaults to REDIS_URL",
     )
+    redis_password: Secret | None = setting(  # noqa: RUF009 (a field, as every setting)
+        "BULWARK_REDIS_PASSWORD",
+        _text(),
+        None,
+        "Redis password, put into REDIS_URL, CELERY_BROKER_URL and CELERY_RESULT_BACKEND "
+        "(each that names none)",
+        secret=True,
+    )
     resilience: ResilienceSettings = field(default_factory=ResilienceSettings)
     observability: ObservabilitySettings = field(default_factory=ObservabilitySettings)
     security: SecuritySettings = field(default_factory=SecuritySettings)
@@ -517,14 +591,93 @@ class Settings:
         problems: list[str] = []
         top = _read(cls, env, problems)
         groups = {
-            f.name: f.type_class(**_read(f.type_class, env, problems))  # type: ignore[attr-defined]
-            for f in _group_fields()
+            f.name: f.type_class(**_read(f.type_class, env, problems)) for f in _group_fields()
         }
         if problems:
             raise SettingsError(problems)
+        password = top.get("redis_password")
+        if password is not None:
+            top["redis_url"] = top.get("redis_url", _default_of(cls, "redis_url"))
+            for name in _URL_FIELDS:
+                if top.get(name) is not None:
+                    top[name] = with_password(top[name], password.reveal())
         settings = cls(**top, **groups)
         settings._check_consistency()
+        problems = settings.production_problems()
+        if problems:
+            raise SettingsError(problems)
         return settings
+
+    def __repr__(self) -> str:
+        shown = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in _URL_FIELDS and value is not None:
+                value = hide_password(value)
+            shown.append(f"{f.name}={value!r}")
+        return f"{type(self).__name__}({', '.join(shown)})"
+
+    @property
+    def production(self) -> bool:
+        return self.security.profile == "production"
+
+    def secret_values(self) -> frozenset[str]:
+        """Every secret these settings hold (revealed): the secret settings' values and the
+        passwords in the Redis URLs. Handed to the log redaction by `get_settings()`."""
+        values = {
+            value.reveal()
+            for group in (self, self.resilience, self.observability, self.security, self.scaling)
+            for f in fields(group)
+            if f.metadata.get("secret") and isinstance(value := getattr(group, f.name), Secret)
+        }
+        for url in (self.redis_url, self.broker_url, self.result_backend):
+            password = url_password(url) if url is not None else None
+            if password is not None:
+                values.add(password)
+        return frozenset(values)
+
+    def production_problems(self) -> list[str]:
+        """What `BULWARK_PROFILE=production` refuses in these settings (empty: nothing, or
+        the development profile)."""
+        if not self.production:
+            return []
+        sec = self.security
+        problems = []
+        why = "BULWARK_PROFILE=production"
+        if not sec.enabled:
+            problems.append(
+                f"{why} refuses BULWARK_SECURITY=off: task messages would be neither signed "
+                "nor verified"
+            )
+        urls = {"REDIS_URL": self.redis_url}
+        if self.broker_url is not None:
+            urls["CELERY_BROKER_URL"] = self.broker_url
+        if self.result_backend is not None:
+            urls["CELERY_RESULT_BACKEND"] = self.result_backend
+        for name, url in urls.items():
+            if plaintext_remote(url):
+                problems.append(
+                    f"{why} refuses {name}={hide_password(url)}: plain redis:// to a host "
+                    "that is not this one's loopback; use rediss:// (TLS, "
+                    "ssl_cert_reqs=required) or a unix:// socket"
+                )
+            elif url.startswith("rediss://") and cert_reqs(url) not in _REQUIRED:
+                problems.append(
+                    f"{why} refuses {name}={hide_password(url)}: ssl_cert_reqs="
+                    f"{cert_reqs(url)} does not check the server's certificate; use "
+                    "ssl_cert_reqs=required"
+                )
+        if sec.flower_password is None:
+            problems.append(
+                f"{why} needs BULWARK_FLOWER_PASSWORD (or BULWARK_FLOWER_PASSWORD_FILE): "
+                "Flower never runs without basic auth, and production generates no password"
+            )
+        if sec.audit_key_file is None:
+            problems.append(
+                f"{why} needs BULWARK_AUDIT_KEY_FILE: the audit log's checkpoints are signed "
+                "with it (`bulwark keys init` makes one)"
+            )
+        return problems
 
     @property
     def broker(self) -> str:
@@ -581,6 +734,16 @@ class Settings:
             raise SettingsError([f"BULWARK_QUEUES may not name the fixed queues {sorted(clash)}"])
 
 
+#: The Redis URLs (a password given by BULWARK_REDIS_PASSWORD goes into each).
+_URL_FIELDS = ("redis_url", "broker_url", "result_backend")
+#: `ssl_cert_reqs` values that make the client check the server's certificate.
+_REQUIRED = frozenset({"required", "cert_required"})
+
+
+def _default_of(cls: type, name: str) -> Any:
+    return next(f.default for f in fields(cls) if f.name == name)
+
+
 @dataclass(frozen=True, slots=True)
 class _Group:
     name: str
@@ -597,19 +760,39 @@ def _group_fields() -> list[_Group]:
 
 
 def _read(cls: type, env: Mapping[str, str], problems: list[str]) -> dict[str, Any]:
+    """The values of `cls`'s fields that `env` sets; what is wrong goes to `problems`.
+
+    Messages name variables and files, never a secret's value, and are worded so that
+    the log redaction (which masks what follows `<secret-like name>:`) leaves them whole.
+    """
     values: dict[str, Any] = {}
     for f in fields(cls):
         if "env" not in f.metadata:
             continue
-        name, parser = f.metadata["env"], f.metadata["parser"]
-        raw = env.get(name)
-        if raw is None or raw == "":
+        name, parser, secret = f.metadata["env"], f.metadata["parser"], f.metadata["secret"]
+        raw = env.get(name) or None
+        path = (env.get(name + FILE_SUFFIX) or None) if secret else None
+        if path is not None:
+            if raw is not None:
+                problems.append(f"{name} and {name}{FILE_SUFFIX} are both set: set one of them")
+                continue
+            try:
+                raw = read_secret_file(path)
+            except SecretFileError as exc:
+                problems.append(f"{name}{FILE_SUFFIX} refused, {exc}")
+                continue
+        if raw is None:
             continue
         try:
-            values[f.name] = parser.parse(raw)
+            value = parser.parse(raw)
         except ValueError:
-            shown = "<secret>" if f.metadata["secret"] else _shown(raw)
-            problems.append(f"{name}={shown}: expected {parser.accepts}")
+            if path is not None:
+                problems.append(f"{name}{FILE_SUFFIX} ({path}) does not hold {parser.accepts}")
+            else:
+                shown = "<secret>" if secret else _shown(raw)
+                problems.append(f"{name}={shown}: expected {parser.accepts}")
+            continue
+        values[f.name] = Secret(value) if secret else value
     return values
 
 
@@ -624,9 +807,20 @@ OTHER_VARIABLES = frozenset(
 )
 
 
+def secret_variables() -> frozenset[str]:
+    """The variables of the secret settings (each also read from `<name>_FILE`)."""
+    return frozenset(
+        f.metadata["env"]
+        for cls in [Settings] + [g.type_class for g in _group_fields()]
+        for f in fields(cls)
+        if f.metadata.get("secret")
+    )
+
+
 def known_variables() -> frozenset[str]:
-    """Every BULWARK_* variable Bulwark reads."""
-    return frozenset(env for _group, env, *_ in describe()) | OTHER_VARIABLES
+    """Every BULWARK_* variable Bulwark reads (the `_FILE` names of secrets too)."""
+    files = {name + FILE_SUFFIX for name in secret_variables()}
+    return frozenset(env for _group, env, *_ in describe()) | files | OTHER_VARIABLES
 
 
 def unknown_variables(environ: Mapping[str, str]) -> list[str]:
@@ -655,13 +849,13 @@ def describe() -> Iterator[tuple[str, str, str, str, str]]:
             shown = "(unset)" if default is None else str(default)
             if isinstance(f.default, bool):
                 shown = str(f.default).lower()
-            yield (
-                group_name,
-                f.metadata["env"],
-                shown,
-                f.metadata["parser"].accepts,
-                f.metadata["doc"],
-            )
+            doc = f.metadata["doc"]
+            if f.metadata["secret"]:
+                doc += (
+                    f"; secret: or {f.metadata['env']}{FILE_SUFFIX}, a file holding it "
+                    "(mode 0600), never shown"
+                )
+            yield (group_name, f.metadata["env"], shown, f.metadata["parser"].accepts, doc)
 
 
 @functools.cache
@@ -670,8 +864,11 @@ def get_settings() -> Settings:
 
     A BULWARK_* variable that Bulwark does not read is logged as a warning then,
     naming the closest known one (a typo would otherwise be ignored in silence).
+    Every secret the settings hold is handed to the log redaction, which masks it
+    wherever it appears (`workers.telemetry.redact.remember_secrets`).
     """
     settings = Settings.from_env()
+    remember_secrets("settings", settings.secret_values())
     for warning in unknown_variables(os.environ):
         logging.getLogger("workers.settings").warning(warning)
     return settings

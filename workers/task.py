@@ -38,6 +38,7 @@ from policies.errors import PolicyConfigError
 from workers.guard import ATTEMPT_HEADER, DEFERRALS_HEADER, guard_for
 from workers.registry import registry
 from workers.resources import deadletters
+from workers.security import sealed
 
 logger = logging.getLogger(__name__)
 #: Seconds before a task whose dead-lettering failed (store unreachable) comes back.
@@ -152,15 +153,21 @@ class ResilientTask(Task):  # type: ignore[misc]
 
     def _store_dead_letter(self, reason: str, error: BaseException | None) -> DeadLetter:
         request = self.request
+        args, kwargs = list(request.args or ()), dict(request.kwargs or {})
+        said = f"{type(error).__name__}: {error}" if error is not None else None
+        if sealed.encrypted(self.name):  # kept sealed at rest; the error may quote them
+            kept = {"args": args, "kwargs": kwargs, "error": said}
+            args, kwargs = [], sealed.seal_value(kept, self.name, request.id, "deadletter")
+            said = f"{type(error).__name__}: (sealed)" if error is not None else None
         letter = deadletters().add(
             DeadLetter(
                 task_name=self.name,
                 task_id=request.id,
                 queue=(request.delivery_info or {}).get("routing_key"),
-                args=list(request.args or ()),
-                kwargs=dict(request.kwargs or {}),
+                args=args,
+                kwargs=kwargs,
                 reason=reason,
-                error=f"{type(error).__name__}: {error}" if error is not None else None,
+                error=said,
                 attempts=self.header(ATTEMPT_HEADER, 1),
             )
         )

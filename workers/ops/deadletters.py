@@ -9,6 +9,9 @@ from typing import Any
 from policies.deadletter import DeadLetterStore
 from workers.client import client
 from workers.resources import deadletters
+from workers.security import sealed
+from workers.security.audit import Action, record
+from workers.security.control import operator_actor
 
 
 def replay(store: DeadLetterStore, letter_id: str) -> tuple[bool, str]:
@@ -21,14 +24,23 @@ def replay(store: DeadLetterStore, letter_id: str) -> tuple[bool, str]:
             f"{letter_id}: not replayable: the message was refused before decoding "
             f"({letter.reason}); inspect it with `bulwark deadletter list --json`"
         )
+    args, kwargs = letter.args, letter.kwargs
+    if sealed.is_sealed(kwargs) and not args:  # an encrypted task's: opened to be sent anew
+        kept = sealed.open_value(kwargs, letter.task_name, letter.task_id or "", "deadletter")
+        args, kwargs = kept["args"], kept["kwargs"]
     result = client().send_task(
         letter.task_name,
-        args=letter.args,
-        kwargs=letter.kwargs,
+        args=args,
+        kwargs=kwargs,
         queue=letter.queue or None,
         headers={"bulwark_replayed_from": letter.id},
     )
     store.remove(letter.id)
+    # Who replayed what, as which new task: never the letter's arguments, nor its reason
+    # (a task's exception text may quote them).
+    record(Action.DEADLETTER_REPLAYED, actor=operator_actor(), task_id=result.id,
+           deadletter_id=letter.id, task=letter.task_name, queue=letter.queue or "",
+           original_task_id=letter.task_id or "")  # fmt: skip
     return True, f"{letter_id}: replayed {letter.task_name} as task {result.id}"
 
 

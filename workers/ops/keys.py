@@ -4,6 +4,7 @@
     bulwark keys new-producer NAME --allow 'payments.*' [--queue Q] [--max-payload N] [--rate R]
     bulwark keys rotate NAME [--overlap SECONDS]       a new key; the old one ends after the overlap
     bulwark keys revoke KEY_ID                         refused fleet-wide within 2 s
+    bulwark keys data-rotate [--overlap S] | data-retire KEY_ID   the data (encryption) keys
     bulwark keys list [--json]
 
 The trust store is BULWARK_TRUST_FILE (default: trust.toml in the keys folder,
@@ -15,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from policies.audit import Action
+from policies.sealing import KeyRing
 from policies.trust import ROLES, TrustError
 from workers.security.audit import record
 from workers.security.keys import KeyFileError, add_identity, dev_keys, read_trust, write_trust
@@ -103,6 +106,35 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_keys() -> Path:
+    given = get_settings().security.data_keys_file
+    return Path(given) if given else _folder() / "data-keys.json"
+
+
+def _cmd_data_rotate(args: argparse.Namespace) -> int:
+    path = _data_keys()
+    ring = KeyRing.load(path).rotate(time.time(), args.overlap)
+    ring.save(path)
+    record(Action.KEY_ROTATED, actor="operator", kid=ring.active.kid, kind="data")
+    print(f"data key {ring.active.kid} encrypts from now; older keys decrypt for "
+          f"{args.overlap:g} s more")  # fmt: skip
+    return 0
+
+
+def _cmd_data_retire(args: argparse.Namespace) -> int:
+    path = _data_keys()
+    try:
+        ring = KeyRing.load(path).retire(args.kid)
+    except KeyError:
+        raise KeyFileError(f"no data key {args.kid!r} in {path}") from None
+    except ValueError as exc:
+        raise KeyFileError(str(exc)) from None
+    ring.save(path)
+    record(Action.KEY_REVOKED, actor="operator", kid=args.kid, kind="data")
+    print(f"data key {args.kid} retired: what it sealed no longer opens")
+    return 0
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     store = read_trust(_trust_file())
     rows = [
@@ -146,6 +178,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     k = ksub.add_parser("revoke", help="refuse a key fleet-wide")
     k.add_argument("kid", metavar="KEY_ID")
     k.set_defaults(func=_cmd_revoke)
+    k = ksub.add_parser("data-rotate", help="a new data (encryption) key; older ones decrypt "
+                        "for --overlap seconds")  # fmt: skip
+    k.add_argument("--overlap", type=float, default=24 * 3600.0, metavar="SECONDS")
+    k.set_defaults(func=_cmd_data_rotate)
+    k = ksub.add_parser("data-retire", help="retire a data key now")
+    k.add_argument("kid", metavar="KEY_ID")
+    k.set_defaults(func=_cmd_data_retire)
     k = ksub.add_parser("list", help="identities, keys and their state")
     k.add_argument("--json", action="store_true")
     k.set_defaults(func=_cmd_list)

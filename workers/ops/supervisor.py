@@ -56,6 +56,7 @@ def with_dev_keys(fleet: Fleet, settings: Settings) -> Fleet:
     folder = settings.keys_folder.resolve()
     keys = dev_keys(folder)
     fleet.env.setdefault("BULWARK_AUDIT_DIR", str(folder.parent / "audit"))
+    fleet.env.setdefault("BULWARK_ENCRYPT", "payments.*")  # the demo's charges travel sealed
     identities = {name: keys.env(IDENTITY_OF.get(name, "worker")) for name in fleet.processes}
     return replace(fleet, identities=identities, keys_folder=folder)
 
@@ -103,10 +104,10 @@ def proc(settings: Settings, procfile: Path, name: str) -> None:
         if name == "flower" and password is None:
             raise ProcfileError(
                 "proc flower: set BULWARK_FLOWER_PASSWORD (or FLOWER_BASIC_AUTH); "
-                "Flower never runs without basic auth"
+                "or BULWARK_FLOWER_PASSWORD_FILE; Flower never runs without basic auth"
             )
         if password is not None:
-            env["FLOWER_BASIC_AUTH"] = f"{settings.security.flower_user}:{password}"
+            env["FLOWER_BASIC_AUTH"] = f"{settings.security.flower_user}:{password.reveal()}"
     os.execvpe("/bin/sh", ["/bin/sh", "-c", f"exec {command}"], env)
 
 
@@ -120,10 +121,9 @@ def plan(
 ) -> Fleet:
     env = dict(os.environ if environ is None else environ)
     security = settings.security
-    password = security.flower_password
-    generated = password is None
-    if password is None:
-        password = secrets.token_urlsafe(12)
+    given = security.flower_password
+    generated = given is None
+    password = secrets.token_urlsafe(12) if given is None else given.reveal()
     bindir = str(Path(sys.executable).parent)
     env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
     env["PYTHONUNBUFFERED"] = "1"
@@ -178,13 +178,17 @@ def up(
     state_dir = Path(tempfile.mkdtemp(prefix="bulwark-state-"))
     try:
         fleet = plan(settings, procfile, only=only, without=without)  # the Procfile first
-        redis_url = os.environ.get("REDIS_URL", "")
-        if redis_url:
+        given = os.environ.get("REDIS_URL", "")
+        if given:
+            redis_url = settings.redis_url  # BULWARK_REDIS_PASSWORD put in
             wait_for_redis(redis_url).close()
+            fleet.env["REDIS_URL"] = given
         else:
-            embedded = EmbeddedRedis().start()
+            password = settings.redis_password
+            embedded = EmbeddedRedis(password=password.reveal() if password else None).start()
             redis_url = embedded.url
-        fleet.env["REDIS_URL"] = redis_url
+            # The processes get the password from BULWARK_REDIS_PASSWORD(_FILE), not the URL.
+            fleet.env["REDIS_URL"] = f"redis://127.0.0.1:{embedded.port}/0"
         fleet.env["BULWARK_STATE_DIR"] = str(state_dir)
         # Temporary files of the processes live in the state dir too: what a killed
         # process could not clean up is removed with it.

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.serialization import (
 
 from policies.audit import public_key_pem
 from policies.authz import Grant
+from policies.sealing import KeyRing
 from policies.trust import Identity, KeyEntry, TrustError, TrustStore, key_id
 
 __all__ = ["DevKeys", "KeyFileError", "add_identity", "dev_keys", "load_private_key"]
@@ -129,6 +130,7 @@ class DevKeys:
     key_files: dict[str, Path]
     audit_key: Path
     audit_public_key: Path
+    data_keys: Path
 
     def env(self, identity: str) -> dict[str, str]:
         """The variables a process signing as `identity` needs."""
@@ -138,6 +140,7 @@ class DevKeys:
             "BULWARK_SIGNING_KEY_FILE": str(self.key_files[identity]),
             "BULWARK_AUDIT_KEY_FILE": str(self.audit_key),
             "BULWARK_AUDIT_PUBLIC_KEY_FILE": str(self.audit_public_key),
+            "BULWARK_DATA_KEYS_FILE": str(self.data_keys),
         }
 
 
@@ -172,4 +175,7 @@ def dev_keys(folder: Path) -> DevKeys:
             continue
         _kid, files[name] = add_identity(trust_file, folder, name, role=role, tasks=tasks)
         store = read_trust(trust_file)
-    return DevKeys(trust_file, files, *audit_keys(folder))
+    data_keys = folder / "data-keys.json"
+    if not data_keys.exists():
+        KeyRing.new().save(data_keys)
+    return DevKeys(trust_file, files, *audit_keys(folder), data_keys)

@@ -27,6 +27,7 @@ from celery.backends.redis import RedisBackend
 from cryptography.exceptions import InvalidSignature
 from kombu.utils.encoding import bytes_to_str
 
+from workers.security import sealed
 from workers.security.context import security
 
 __all__ = ["ResultRefused", "SignedRedisBackend", "install"]
@@ -49,9 +50,30 @@ def install(app: Any) -> None:
     app.loader.override_backends = {**app.loader.override_backends, "redis": name, "rediss": name}
 
 
+def _seal_meta(data: Any) -> Any:
+    """The meta of an encrypted task with its result sealed and no extended arguments."""
+    if not isinstance(data, dict) or not isinstance(data.get("name"), str):
+        return data
+    name, task_id = data["name"], str(data.get("task_id"))
+    if not sealed.encrypted(name) or sealed.is_sealed(data.get("result")):
+        return data
+    hidden = {**data, "args": None, "kwargs": None, "traceback": None}
+    kept = {"result": data.get("result"), "traceback": data.get("traceback")}
+    hidden["result"] = sealed.seal_value(kept, name, task_id, "result")
+    return hidden
+
+
+def _open_meta(meta: Any) -> Any:
+    if not isinstance(meta, dict) or not sealed.is_sealed(meta.get("result")):
+        return meta
+    kept = sealed.open_value(meta["result"], str(meta.get("name")), str(meta.get("task_id")),
+                             "result")  # fmt: skip
+    return {**meta, **kept}
+
+
 class SignedRedisBackend(RedisBackend):  # type: ignore[misc]
     def encode(self, data: Any) -> Any:
-        payload = super().encode(data)
+        payload = super().encode(_seal_meta(data))
         context = security()
         if not context.enabled or context.key is None:
             return payload
@@ -69,8 +91,8 @@ class SignedRedisBackend(RedisBackend):  # type: ignore[misc]
 
     def decode(self, payload: Any) -> Any:
         if payload is None or not security().enabled:
-            return super().decode(payload)
-        return super().decode(verified(payload))
+            return _open_meta(super().decode(payload))
+        return _open_meta(super().decode(verified(payload)))
 
     def _get_task_meta_for(self, task_id: Any) -> Any:
         meta = super()._get_task_meta_for(task_id)

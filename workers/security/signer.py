@@ -24,6 +24,7 @@ from kombu.utils import json as kombu_json
 
 from policies.signing import SIG_HEADER, UNSIGNED, Claims, sign
 from workers.security.context import Security, security
+from workers.security.sealed import JTI_HEADER
 
 __all__ = ["body_bytes", "connect", "plain_headers", "sign_message"]
 
@@ -59,7 +60,9 @@ def sign_message(
     assert context.key is not None and context.identity is not None and context.kid is not None
     now = int(time.time())
     exp = int(max(now, _due(headers)) + context.settings.message_ttl)
-    claims = Claims(context.identity, context.kid, now, exp, uuid.uuid4().hex)
+    jti = headers.pop(JTI_HEADER, None)  # chosen when its arguments were sealed
+    jti = jti if isinstance(jti, str) else uuid.uuid4().hex
+    claims = Claims(context.identity, context.kid, now, exp, jti)
     content_type, data = body_bytes(body)
     value = sign(context.key, claims, plain_headers(headers), queue, data, content_type)
     headers[SIG_HEADER] = value

@@ -7,6 +7,9 @@ it on the message), so a signed message moved to another queue is refused.
 The replay state comes from the transport too (`GuardedQoS` notes the jti in
 the same round trip that records the delivery); a transport that does not note
 it costs one round trip here.
+
+Every refusal is counted (`workers.security.refusals`: this worker's metric and
+the fleet's per-kind counts, one more round trip on a refusal, none otherwise).
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import redis
 from policies.replay import Replays, Seen
 from policies.signing import Verified, check_message, parse_claims
 from workers.resources import broker_redis
+from workers.security import sealed
 from workers.security.context import security
+from workers.security.refusals import count_refusal
 from workers.security.signer import plain_headers
 
 __all__ = ["CONSUMED_FROM", "JTI_SEEN", "message_problem"]
@@ -47,7 +52,17 @@ def _seen(message: Any, verified: Verified) -> Seen:
 
 
 def message_problem(message: Any) -> str | None:
-    """Why a task message may not run (security), or None. Never decodes the body."""
+    """Why a task message may not run (security), or None. Never decodes the body.
+
+    A refusal is counted by kind (`count_refusal`); an accepted message costs nothing more.
+    """
+    problem = _problem(message)
+    if problem is not None:
+        count_refusal(problem)
+    return problem
+
+
+def _problem(message: Any) -> str | None:
     context = security()
     if not context.enabled:
         return None
@@ -80,6 +95,21 @@ def message_problem(message: Any) -> str | None:
         return f"security: replay record unreachable ({exc}); not run"
     if seen == "replayed":
         return f"security: replayed message (jti {verdict.claims.jti} already ran)"
+    return _opened(message, verdict)
+
+
+def _opened(message: Any, verdict: Verified) -> str | None:
+    """Open a sealed message's arguments in place (the body Celery will decode)."""
+    claims = verdict.claims
+    try:
+        body = sealed.open_message(message.body, message.headers, claims.iss, claims.jti)
+    except sealed.SealError as exc:
+        return f"security: sealed arguments do not open: {exc}"
+    except (ValueError, TypeError) as exc:
+        return f"security: sealed arguments are not JSON: {type(exc).__name__}"
+    if body is not None:
+        message.body = body
+        message._decoded_cache = None
     return None
 
 

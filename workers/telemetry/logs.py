@@ -14,8 +14,11 @@ the same format.
 
 Secrets never reach a line: `RedactFilter` masks the values of keys named like
 password, secret, token, authorization or api_key (in the message text and in
-extra fields, nested too) and the password of URLs (`redis://:***@host`).
-Celery's own `data` extra (a task's args and kwargs) is never written.
+extra fields, nested too), the password of URLs (`redis://:***@host`), and the
+value of every configured secret wherever it appears (the settings register
+theirs with `workers.telemetry.redact.remember_secrets`), in the message, the
+exception, the stack and the extra fields. Celery's own `data` extra (a task's
+args and kwargs) is never written.
 """
 
 from __future__ import annotations
@@ -77,6 +80,8 @@ class RedactFilter(logging.Filter):
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text:
             record.exc_text = redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info)
         for name in extra_fields(record):
             record.__dict__[name] = redact_value(record.__dict__[name], name)
         return True

@@ -11,13 +11,31 @@ megabyte, and `tests/workers/telemetry/test_redact.py` bounds the characters
 each scan reads forward by a multiple of the text's length. A text is scanned
 and kept up to `MAX_SCAN` characters (plus a look-ahead, so a secret across the
 cut is masked whole); the rest is cut, and the line says how much.
+
+Known secret values are masked too, wherever they appear and whatever surrounds
+them: the process's settings register theirs (`remember_secrets`, called by
+`workers.settings.get_settings`). Before the scan, each is looked for with
+`str.find` (linear in the text for each; there are a handful) and every
+occurrence, overlapping ones merged, becomes one mask.
 """
 
 from __future__ import annotations
 
+import heapq
+import json
 import re
+import threading
+import urllib.parse
+from collections.abc import Iterable
 
-__all__ = ["MASK", "SECRET_KEY", "redact"]
+__all__ = [
+    "MASK",
+    "SECRET_KEY",
+    "forget_secrets",
+    "known_secret_count",
+    "redact",
+    "remember_secrets",
+]
 
 MASK = "***"
 
@@ -48,19 +66,107 @@ MAX_SCAN = 64 * 1024
 LOOKAHEAD = 1024
 
 
+# -- known secret values ---------------------------------------------------------------------
+
+_lock = threading.Lock()
+#: The values each source registered (the settings, Flower's basic auth, ...).
+_sources: dict[str, frozenset[str]] = {}
+#: Every registered string to mask, and the longest one's length (one value: read at once).
+_known: tuple[tuple[str, ...], int] = ((), 0)
+
+
+def _forms(value: str) -> set[str]:
+    """`value` as it may be written: as is, URL-quoted, and escaped in JSON or a repr."""
+    return {
+        value,
+        urllib.parse.quote(value, safe=""),
+        json.dumps(value, ensure_ascii=False)[1:-1],
+        json.dumps(value)[1:-1],
+        repr(value)[1:-1],
+    }
+
+
+def remember_secrets(source: str, values: Iterable[str]) -> None:
+    """Mask these exact values (and their quoted and escaped forms) in every redacted text,
+    in place of what `source` registered before."""
+    global _known
+    forms = frozenset(form for value in values if value for form in _forms(value) if form)
+    with _lock:
+        if forms:
+            _sources[source] = forms
+        else:
+            _sources.pop(source, None)
+        known = tuple(sorted(set().union(*_sources.values()), key=len, reverse=True))
+        _known = (known, len(known[0]) if known else 0)
+
+
+def forget_secrets(source: str | None = None) -> None:
+    """Stop masking the values `source` registered (every source's, if None)."""
+    global _known
+    if source is not None:
+        remember_secrets(source, ())
+        return
+    with _lock:
+        _sources.clear()
+        _known = ((), 0)
+
+
+def known_secret_count() -> int:
+    """How many strings are masked as known secrets (their forms included)."""
+    return len(_known[0])
+
+
+def mask_known(text: str, limit: int, known: tuple[str, ...]) -> tuple[str, int]:
+    """`text` with every occurrence of a known value that starts before `limit` masked, and
+    where `limit` is in the result (after a mask that covers it)."""
+    found = []
+    for value in known:
+        spans, size, stop = [], len(value), limit + len(value) - 1
+        i = text.find(value, 0, stop)
+        while i != -1:
+            spans.append((i, i + size))
+            i = text.find(value, i + size, stop)
+        if spans:
+            found.append(spans)
+    if not found:
+        return text, limit
+    out: list[str] = []
+    done, new_limit, shift = 0, -1, 0  # shift: how much shorter the result is so far
+    start, end = -1, -1
+    for s, e in [*heapq.merge(*found), (len(text) + 1, len(text) + 1)]:
+        if s <= end:
+            end = max(end, e)  # overlapping (or touching) occurrences: one mask
+            continue
+        if end > 0:
+            out.append(text[done:start])
+            out.append(MASK)
+            if new_limit < 0 and end >= limit:
+                new_limit = limit - shift if start >= limit else start - shift + len(MASK)
+            shift += (end - start) - len(MASK)
+            done = end
+        start, end = s, e
+    out.append(text[done:])
+    return "".join(out), new_limit if new_limit >= 0 else limit - shift
+
+
 def redact(text: str) -> str:
-    """`text` with URL passwords and the values of secret-named keys masked.
+    """`text` with URL passwords, the values of secret-named keys and the known secret
+    values (`remember_secrets`) masked.
 
     A text longer than `MAX_SCAN` characters keeps its first `MAX_SCAN`, followed
     by a note of how many were cut: a log line is no place for a megabyte.
     """
+    known, longest = _known
     cut = len(text) - MAX_SCAN
-    window = text[: MAX_SCAN + LOOKAHEAD] if cut > 0 else text
+    window = text[: MAX_SCAN + max(LOOKAHEAD, longest)] if cut > 0 else text
+    limit = min(len(window), MAX_SCAN)
+    if known:
+        window, limit = mask_known(window, limit, known)
     lowered = window.lower()
     if any(hint in lowered for hint in _HINTS):
-        kept = _Scan(window).run(limit=min(len(window), MAX_SCAN))
+        kept = _Scan(window).run(limit=limit)
     else:
-        kept = window[:MAX_SCAN]
+        kept = window[:limit]
     return kept + f"... [{cut} more characters not logged]" if cut > 0 else kept
 
 
@@ -169,12 +275,12 @@ class _Scan:
     def bare(self, i: int) -> tuple[int, int] | None:
         """A value up to a delimiter, after an optional `Bearer `/`Basic `/`Token ` scheme."""
         text, n = self.text, self.n
-        if text.startswith(MASK, i):
-            return None  # masked already
         for scheme in _SCHEMES:
             after = i + len(scheme)
             if text[i:after].lower() == scheme and after < n and text[after].isspace():
                 i = self.forward(_SPACES, after)
                 break
         j = self.forward(_BARE, i)
+        if j - i == len(MASK) and text.startswith(MASK, i):
+            return None  # masked already
         return (i, j) if j > i else None

@@ -20,6 +20,7 @@ from workers.telemetry.alerts.rules import (
     ProcessCrashLoop,
     QueueBacklog,
     Rule,
+    SecurityRefusals,
     Watchdog,
     run_rules,
 )
@@ -56,6 +57,7 @@ def default_rules(settings: Settings) -> tuple[Rule, ...]:
         ProcessCrashLoop(),
         QueueBacklog(threshold=o.alert_backlog_threshold),
         DeadLetterGrowth(window=o.alert_deadletter_window),
+        SecurityRefusals(threshold=o.alert_security_refusals),
         Watchdog(every=o.alert_watchdog_interval),
     )
 
@@ -68,7 +70,7 @@ def build_sinks(settings: Settings) -> dict[str, Sink]:
         sinks["log"] = LogSink()
     if o.alert_webhook_url and sec.alert_webhook_secret:
         sinks["webhook"] = WebhookSink(
-            o.alert_webhook_url, sec.alert_webhook_secret, timeout=o.alert_sink_timeout
+            o.alert_webhook_url, sec.alert_webhook_secret.reveal(), timeout=o.alert_sink_timeout
         )
     if o.alert_slack_url:
         sinks["slack"] = SlackSink(o.alert_slack_url, timeout=o.alert_sink_timeout)
@@ -86,7 +88,7 @@ def build_sinks(settings: Settings) -> dict[str, Sink]:
             to=[a.strip() for a in o.alert_email_to.split(",") if a.strip()],
             starttls=o.alert_smtp_starttls,
             user=o.alert_smtp_user,
-            password=sec.alert_smtp_password,
+            password=sec.alert_smtp_password.reveal() if sec.alert_smtp_password else None,
             timeout=o.alert_sink_timeout,
         )
     return sinks
