@@ -23,7 +23,7 @@ import binascii
 import hashlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -32,7 +32,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from policies.authz import authorize
-from policies.trust import TrustStore
+from policies.trust import Identity, TrustStore
 
 __all__ = [
     "SIG_HEADER",
@@ -41,6 +41,7 @@ __all__ = [
     "Verified",
     "canonical",
     "check_message",
+    "check_signed",
     "parse_claims",
     "sign",
     "signed_headers",
@@ -132,6 +133,44 @@ def parse_claims(value: Any) -> tuple[Claims, bytes] | str:
     return Claims(iss, kid, iat, exp, jti), signature
 
 
+def check_signed(
+    trust: TrustStore,
+    value: Any,
+    signed: Callable[[Claims], bytes],
+    *,
+    now: float,
+    skew: float,
+    who: str = "producer",
+) -> tuple[Claims, Identity] | str:
+    """Verify a `bulwark_sig` value over `signed(claims)`: the claims' shape, the identity
+    and its key (known, valid at `now`), the signature, then issue time and expiry.
+    (claims, identity), or the reason it is refused."""
+    parsed = parse_claims(value)
+    if isinstance(parsed, str):
+        return parsed
+    claims, signature = parsed
+    identity = trust.identity(claims.iss)
+    if identity is None:
+        return f"unknown {who} {claims.iss!r}"
+    key = trust.key(claims.iss, claims.kid)
+    if key is None:
+        return f"unknown key {claims.kid!r} for {who} {claims.iss!r}"
+    problem = key.problem(datetime.fromtimestamp(now, UTC))
+    if problem is not None:
+        return problem
+    try:
+        key.public.verify(signature, signed(claims))
+    except InvalidSignature:
+        return f"bad signature ({who} {claims.iss!r}, key {claims.kid})"
+    except (TypeError, ValueError, RecursionError) as exc:  # not JSON after kombu decoded it
+        return f"cannot verify: {type(exc).__name__}: {exc}"
+    if claims.iat > now + skew:
+        return f"issued {claims.iat - now:.0f} s in the future (clock skew allowed: {skew:g} s)"
+    if claims.exp < now:
+        return f"expired {now - claims.exp:.0f} s ago"
+    return claims, identity
+
+
 @dataclass(frozen=True, slots=True)
 class Verified:
     claims: Claims
@@ -153,29 +192,16 @@ def check_message(
     Returns what was verified, or the reason it is refused. The replay check (the
     jti, once fleet-wide) needs Redis and is the caller's.
     """
-    parsed = parse_claims(headers.get(SIG_HEADER))
-    if isinstance(parsed, str):
-        return parsed
-    claims, signature = parsed
-    identity = trust.identity(claims.iss)
-    if identity is None:
-        return f"unknown producer {claims.iss!r}"
-    key = trust.key(claims.iss, claims.kid)
-    if key is None:
-        return f"unknown key {claims.kid!r} for producer {claims.iss!r}"
-    problem = key.problem(datetime.fromtimestamp(now, UTC))
-    if problem is not None:
-        return problem
-    try:
-        key.public.verify(signature, _input(claims, headers, queue, body, content_type))
-    except InvalidSignature:
-        return f"bad signature (producer {claims.iss!r}, key {claims.kid})"
-    except (TypeError, ValueError) as exc:  # a header kombu decoded to something not JSON
-        return f"cannot verify: {exc}"
-    if claims.iat > now + skew:
-        return f"issued {claims.iat - now:.0f} s in the future (clock skew allowed: {skew:g} s)"
-    if claims.exp < now:
-        return f"expired {now - claims.exp:.0f} s ago"
+    checked = check_signed(
+        trust,
+        headers.get(SIG_HEADER),
+        lambda claims: _input(claims, headers, queue, body, content_type),
+        now=now,
+        skew=skew,
+    )
+    if isinstance(checked, str):
+        return checked
+    claims, identity = checked
     task = headers.get("task")
     refused = authorize(identity.grant, str(task), queue, len(body))
     if refused is not None:

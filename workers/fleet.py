@@ -9,7 +9,7 @@ It costs three pipelined round trips, however many policies, workers or keys:
 
 1. policy Redis: TIME, the name indexes of breakers, bulkheads, services,
    workers and supervisors (`policies.index`), the stored health results, the
-   dead-letter counts;
+   dead-letter counts, the security refusal counts (`workers.security.refusals`);
 2. policy Redis: one snapshot script per breaker, bulkhead and service, one
    GET per worker heartbeat, one HGETALL per supervisor's restarted processes;
 3. broker Redis: LLEN of every priority sub-queue of every queue and kombu's
@@ -43,6 +43,8 @@ from policies.degradation import ServiceState
 from policies.degradation.store import RedisDegradationStore
 from policies.index import decode_names, raise_error
 from workers.resources import broker_redis, policy_redis
+from workers.security import refusals
+from workers.security.refusals import RefusalCount
 from workers.settings import DEADLETTER_QUEUE, get_settings
 
 __all__ = [
@@ -55,6 +57,7 @@ __all__ = [
     "HealthResult",
     "ProcessState",
     "QueueState",
+    "RefusalCount",
     "WorkerState",
     "heartbeat_key",
     "priority_queues",
@@ -198,6 +201,8 @@ class FleetSnapshot:
     #: Stored health results by check name (sorted), and when the checks last ran.
     health: Mapping[str, HealthResult] = field(default_factory=dict)
     health_last_run: float | None = None
+    #: Task messages refused by verification, per kind and bucket, the last few minutes.
+    security_refusals: tuple[RefusalCount, ...] = ()
 
     @classmethod
     def unreadable(cls, error: BaseException | str, at: float) -> FleetSnapshot:
@@ -221,6 +226,17 @@ class FleetSnapshot:
                 return q
         return QueueState(name=name)
 
+    def refusals_within(self, seconds: float) -> dict[str, int]:
+        """Security refusals per kind in the buckets that end within `seconds` of `taken_at`.
+
+        Buckets are `refusals.BUCKET` seconds wide, so this looks up to one bucket further back.
+        """
+        counts: dict[str, int] = {}
+        for c in self.security_refusals:
+            if c.end > self.taken_at - seconds:
+                counts[c.kind] = counts.get(c.kind, 0) + c.count
+        return counts
+
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready: levels as names, every field of every part."""
         data = {
@@ -238,6 +254,7 @@ class FleetSnapshot:
                 "last_run": self.health_last_run,
                 "results": [r.as_dict() for r in self.health.values()],
             },
+            "security_refusals": [asdict(c) for c in self.security_refusals],
         }
         return data
 
@@ -281,6 +298,7 @@ def _read(policy: redis.Redis, broker: redis.Redis, queues: list[str]) -> FleetS
     pipe.hgetall(HEALTH_RESULTS_KEY)
     pipe.get(HEALTH_LAST_RUN_KEY)
     letters.queue_counts(pipe)
+    refusals.queue_read(pipe)
     first = [raise_error(r) for r in pipe.execute(raise_on_error=False)]
     now = _now(first[0])
     breaker_names, bulkhead_names, service_names, hostnames, supervisors = (
@@ -288,6 +306,7 @@ def _read(policy: redis.Redis, broker: redis.Redis, queues: list[str]) -> FleetS
     )
     raw_health, last_run = first[6], first[7]
     kept, total = letters.read_counts(first[8:10])
+    refused = refusals.read(first[10], now)
 
     # 2. one snapshot per policy instance, one heartbeat per worker
     pipe = policy.pipeline(transaction=False)
@@ -325,6 +344,7 @@ def _read(policy: redis.Redis, broker: redis.Redis, queues: list[str]) -> FleetS
             _text(k): HealthResult.from_json(_text(k), v) for k, v in sorted(raw_health.items())
         },
         health_last_run=float(last_run) if last_run is not None else None,
+        security_refusals=refused,
     )
 
 

@@ -10,6 +10,8 @@ import time
 from typing import Any
 
 from workers.resources import policy_redis
+from workers.security.audit import Action, record
+from workers.security.control import operator_actor
 from workers.telemetry.alerts.model import iso
 from workers.telemetry.alerts.store import AlertStore
 
@@ -59,6 +61,10 @@ def _cmd_silence(args: argparse.Namespace) -> int:
     silence = _store().add_silence(
         dict(args.match), args.duration, comment=args.comment, by=args.by or getpass.getuser()
     )
+    matchers = ",".join(f"{k}={v}" for k, v in sorted(silence.matchers.items()))
+    record(Action.ALERT_SILENCED, actor=operator_actor(), silence_id=silence.id,
+           matchers=matchers, until=iso(silence.ends_at) or "", by=silence.created_by,
+           comment=silence.comment)  # fmt: skip
     print(f"silence {silence.id} until {iso(silence.ends_at)}")
     return 0
 
@@ -79,6 +85,7 @@ def _cmd_silences(args: argparse.Namespace) -> int:
 
 def _cmd_unsilence(args: argparse.Namespace) -> int:
     if _store().remove_silence(args.id):
+        record("alert.unsilenced", actor=operator_actor(), silence_id=args.id)
         print(f"silence {args.id} removed")
         return 0
     print(f"no silence {args.id}")

@@ -16,6 +16,8 @@ from workers.fleet import FleetUnreadable
 from workers.ops import alerts, audit, deadletters, keys, status
 from workers.ops.supervisor import ProcfileError, proc, up
 from workers.resources import RedisUnavailable, policy, wait_for_redis
+from workers.security.audit import Action, record
+from workers.security.control import operator_actor
 from workers.security.keys import KeyFileError
 from workers.settings import SettingsError, describe, get_settings
 from workers.telemetry.redact import redact
@@ -65,6 +67,7 @@ class NotApplied(RuntimeError):
 def _cmd_breaker(args: argparse.Namespace) -> int:
     _load_catalogue()
     breaker = policy("breaker", args.name)
+    before = breaker.snapshot().state
     state = getattr(breaker, BREAKER_ACTIONS[args.action])()
     shared = breaker.snapshot()
     if shared.source != "redis" or shared.state != state:
@@ -72,6 +75,9 @@ def _cmd_breaker(args: argparse.Namespace) -> int:
             f"breaker {args.name}: the change did not reach Redis (it reads {shared.state} "
             f"from {shared.source}); nothing was changed for the fleet"
         )
+    reset = BREAKER_ACTIONS[args.action] == "reset"
+    record(Action.BREAKER_RESET if reset else Action.BREAKER_FORCED, actor=operator_actor(),
+           breaker=args.name, command=args.action, from_state=before, to_state=state)  # fmt: skip
     print(f"breaker {args.name}: {state}")
     return 0
 
@@ -85,6 +91,9 @@ def _cmd_degrade(args: argparse.Namespace) -> int:
             f"service {args.service}: the change did not reach Redis; nothing was changed "
             "for the fleet"
         )
+    record(Action.SERVICE_DEGRADED, actor=operator_actor(), service=args.service,
+           from_level=str(state.from_level), to_level=str(state.level),
+           reason=state.reason)  # fmt: skip
     print(f"service {args.service}: {state.from_level} -> {state.level} ({state.reason})")
     return 0
 

@@ -15,6 +15,8 @@
   what `bulwark up`'s supervisor restarted
 - bulwark_health_status{check}: 0 healthy, 1 degraded, 2 unhealthy;
   bulwark_health_check_latency_seconds{check}; bulwark_health_last_run_timestamp_seconds
+- bulwark_security_refusals_last_minute{kind}: task messages refused by
+  verification fleet-wide in the last minute (to the bucket), every kind, 0 included
 
 The snapshot is taken when scraped, at most once per `BULWARK_METRICS_INTERVAL`.
 """
@@ -30,6 +32,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from workers.fleet import SEVERITY, FleetSnapshot
+from workers.security.refusals import KINDS
 
 BREAKER_STATES = ("closed", "half_open", "open", "forced_open", "disabled", "metrics_only")
 
@@ -119,6 +122,13 @@ def fleet_families(snap: FleetSnapshot) -> Iterator[Any]:
         "How long the check took",
         ["check"],
         ((r.check, r.latency_seconds) for r in results),
+    )
+    refused = snap.refusals_within(60.0)
+    yield _gauge(
+        "bulwark_security_refusals_last_minute",
+        "Task messages refused by verification fleet-wide in the last minute",
+        ["kind"],
+        ((kind, refused.get(kind, 0)) for kind in (*KINDS, *sorted(set(refused) - set(KINDS)))),
     )
     if snap.health_last_run is not None:
         yield _gauge(

@@ -24,6 +24,8 @@ Per worker process group (counters and histograms, no hostname labels):
 - bulwark_alerts_sent_total{sink, severity}: see `alert_sent`
 - bulwark_poison_messages_total{queue, source}: queue items the transport
   refused (not a kombu envelope; source `queue` or `unacked`)
+- bulwark_security_refusals_total{kind}: task messages refused by verification
+  (kind: `workers.security.refusals.KINDS`); see `security_refused`
 
 The fleet gauges (beat's /metrics) are in `workers.telemetry.fleet_metrics`.
 """
@@ -179,6 +181,12 @@ class TaskMetrics:
         self.alerts_sent = Counter(
             "bulwark_alerts_sent", "Alerts delivered to a sink", ["sink", "severity"], registry=r
         )
+        self.security_refusals = Counter(
+            "bulwark_security_refusals",
+            "Task messages refused by verification (signature, replay, authorization, ...)",
+            ["kind"],
+            registry=r,
+        )
 
     def task(self, state: str, task: str, queue: str | None) -> None:
         self.tasks.labels(task=task, queue=queue or "unknown", state=state).inc()
@@ -197,6 +205,11 @@ def metrics() -> TaskMetrics:
 def alert_sent(sink: str, severity: str) -> None:
     """Count one alert delivered to `sink` (for the alerting work)."""
     metrics().alerts_sent.labels(sink=sink, severity=severity).inc()
+
+
+def security_refused(kind: str) -> None:
+    """Count one task message refused by verification (`workers.security.refusals`)."""
+    metrics().security_refusals.labels(kind=kind).inc()
 
 
 def exposition() -> tuple[bytes, str]:

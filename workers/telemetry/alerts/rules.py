@@ -140,6 +140,48 @@ class DeadLetterGrowth:
             )
 
 
+#: More than this many task messages refused by verification within a minute is a burst.
+#: (To become the setting BULWARK_ALERT_SECURITY_REFUSALS.)
+SECURITY_REFUSAL_THRESHOLD = 10
+#: Refusal kinds that mean someone forges, replays or sends what it may not: a burst
+#: with any of them is critical. The others (unsigned, unknown/revoked/expired key or
+#: message, other) are as often a misconfigured producer or a late backlog: warning.
+CRITICAL_REFUSALS = frozenset({"signature", "replay", "unauthorized"})
+
+
+@dataclass(frozen=True, slots=True)
+class SecurityRefusals:
+    """More than `threshold` task messages refused by verification within `window` seconds
+    (fleet-wide) -> critical if any of them was forged, replayed or unauthorized, else
+    warning. One alert, which resolves once the window holds `threshold` or fewer.
+
+    The message names each kind and its count, never a message's content.
+    """
+
+    threshold: int = SECURITY_REFUSAL_THRESHOLD
+    window: float = 60.0
+
+    def __call__(self, obs: Observation) -> Iterator[Condition]:
+        counts = obs.fleet.refusals_within(self.window)
+        total = sum(counts.values())
+        if total <= self.threshold:
+            return
+        critical = any(counts.get(kind) for kind in CRITICAL_REFUSALS)
+        kinds = ", ".join(
+            f"{kind} {n}" for kind, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+        )
+        yield Condition(
+            name="SecurityRefusals",
+            service="security",
+            severity="critical" if critical else "warning",
+            message=(
+                f"{total} task messages refused by verification in the last "
+                f"{self.window:g} s (over {self.threshold}): {kinds}; "
+                "see `bulwark deadletter list`"
+            ),
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class Watchdog:
     """Always fires: a dead-man's switch; the receiver alarms when it STOPS arriving."""
