@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from policies import keys  # noqa: E402
 from workers.ops.embedded import EmbeddedRedis  # noqa: E402
+from workers.security.keys import dev_keys  # noqa: E402
 
 DONE = keys.key("bench", "tasks", "done")
 HOST = "bench@local"
@@ -84,6 +85,9 @@ def throughput(url: str, n: int, rounds: int, workdir: Path) -> None:
     from workers.client import client as make_client
 
     os.environ["REDIS_URL"] = url
+    # Security on, as by default: the bench (and its worker) sign as the operator, who may
+    # also send the add_consumer/cancel_consumer commands that start and stop each drain.
+    os.environ.update(dev_keys(workdir / "keys").env("operator"))
     app = make_client()
     client = redis.Redis.from_url(url)
     worker = start_worker(url, workdir / "worker.log")
