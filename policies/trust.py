@@ -25,18 +25,34 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import json
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from policies import keys
 from policies.authz import Grant
 
-__all__ = ["ROLES", "Identity", "KeyEntry", "TrustError", "TrustStore", "key_id"]
+__all__ = [
+    "PUBLISHED",
+    "ROLES",
+    "Identity",
+    "KeyEntry",
+    "TrustError",
+    "TrustStore",
+    "key_id",
+    "publish_value",
+    "read_published",
+]
 
 ROLES = ("producer", "worker", "operator")
 
@@ -143,6 +159,39 @@ class TrustStore:
                         lines.append(f"{label} = {when.strftime('%Y-%m-%dT%H:%M:%SZ')}")
                 lines += [f"revoked = {'true' if k.revoked else 'false'}", ""]
         return "\n".join(lines)
+
+
+#: Where a published trust store lives in Redis (`publish`), for fleets on many hosts.
+PUBLISHED = keys.key("trust", "store", "signed")
+_STORE_DOMAIN = b"bulwark-trust-store-v1\n"
+
+
+def publish_value(root: Ed25519PrivateKey, store: TrustStore, version: int) -> str:
+    """The Redis value of `store`, version `version`, signed by the admin root key."""
+    text = store.to_toml()
+    signed = _STORE_DOMAIN + str(version).encode() + b"\n" + text.encode()
+    signature = base64.b64encode(root.sign(signed)).decode()
+    return json.dumps({"version": version, "toml": text, "sig": signature})
+
+
+def read_published(root: Ed25519PublicKey, raw: bytes | str) -> tuple[TrustStore, int] | str:
+    """(store, version) of a published value, if the root key signed it; else why not."""
+    try:
+        value = json.loads(raw)
+        version, text, sig = value["version"], value["toml"], value["sig"]
+    except (ValueError, TypeError, KeyError):
+        return "published trust store is not {version, toml, sig}"
+    if not (isinstance(version, int) and isinstance(text, str) and isinstance(sig, str)):
+        return "published trust store has fields of the wrong types"
+    signed = _STORE_DOMAIN + str(version).encode() + b"\n" + text.encode()
+    try:
+        root.verify(base64.b64decode(sig, validate=True), signed)
+    except (InvalidSignature, binascii.Error, ValueError):
+        return f"published trust store version {version} is not signed by the root key"
+    try:
+        return TrustStore.from_toml(text), version
+    except TrustError as exc:
+        return f"published trust store version {version}: {exc}"
 
 
 def _quote(text: str) -> str:

@@ -442,6 +442,13 @@ class SecuritySettings:
         "the trust store (TOML: identities, public keys, what each may send); "
         "re-read within 2 s of a change",
     )
+    trust_root_key_file: str | None = setting(
+        "BULWARK_TRUST_ROOT_KEY_FILE",
+        _text(),
+        None,
+        "the admin root public key: read the trust store published in Redis "
+        "(`bulwark keys publish`), signed by it, instead of BULWARK_TRUST_FILE",
+    )
     identity: str | None = setting(
         "BULWARK_IDENTITY", _text(), None, "this process's identity in the trust store"
     )

@@ -5,6 +5,7 @@
     bulwark keys rotate NAME [--overlap SECONDS]       a new key; the old one ends after the overlap
     bulwark keys revoke KEY_ID                         refused fleet-wide within 2 s
     bulwark keys data-rotate [--overlap S] | data-retire KEY_ID   the data (encryption) keys
+    bulwark keys root-init | publish [--root-key PATH]   a trust store in Redis, signed (many hosts)
     bulwark keys list [--json]
 
 The trust store is BULWARK_TRUST_FILE (default: trust.toml in the keys folder,
@@ -21,11 +22,22 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from policies.audit import Action
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+
+from policies.audit import Action, load_private_key, public_key_pem
 from policies.sealing import KeyRing
-from policies.trust import ROLES, TrustError
+from policies.trust import PUBLISHED, ROLES, TrustError, publish_value, read_published
+from workers.resources import policy_redis
 from workers.security.audit import record
-from workers.security.keys import KeyFileError, add_identity, dev_keys, read_trust, write_trust
+from workers.security.keys import (
+    KeyFileError,
+    add_identity,
+    dev_keys,
+    read_trust,
+    write_private,
+    write_trust,
+)
 from workers.settings import get_settings
 
 __all__ = ["register"]
@@ -135,6 +147,32 @@ def _cmd_data_retire(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_root_init(args: argparse.Namespace) -> int:
+    private, public = _folder() / "root.pem", _folder() / "root.pub.pem"
+    if private.exists():
+        raise KeyFileError(f"{private} exists: a fleet has one root key")
+    key = Ed25519PrivateKey.generate()
+    write_private(private, key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+    public.write_bytes(public_key_pem(key))
+    print(f"admin root key {private.resolve()} (keep it offline)")
+    print(f"workers trust what it signs: BULWARK_TRUST_ROOT_KEY_FILE={public.resolve()}")
+    return 0
+
+
+def _cmd_publish(args: argparse.Namespace) -> int:
+    root = load_private_key(args.root_key or _folder() / "root.pem")
+    store = read_trust(_trust_file())
+    client = policy_redis()
+    current = client.get(PUBLISHED)
+    found = read_published(root.public_key(), current) if current is not None else None
+    version = (found[1] if isinstance(found, tuple) else 0) + 1
+    client.set(PUBLISHED, publish_value(root, store, version))
+    record(Action.KEY_ROTATED, actor="operator", kind="trust store", version=str(version))
+    print(f"trust store version {version} published: every worker reading it has it "
+          "within 2 s")  # fmt: skip
+    return 0
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     store = read_trust(_trust_file())
     rows = [
@@ -185,6 +223,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     k = ksub.add_parser("data-retire", help="retire a data key now")
     k.add_argument("kid", metavar="KEY_ID")
     k.set_defaults(func=_cmd_data_retire)
+    k = ksub.add_parser("root-init", help="make the admin root key that signs published stores")
+    k.set_defaults(func=_cmd_root_init)
+    k = ksub.add_parser("publish", help="publish the trust store in Redis, signed by the root key")
+    k.add_argument("--root-key", default=None, metavar="PATH")
+    k.set_defaults(func=_cmd_publish)
     k = ksub.add_parser("list", help="identities, keys and their state")
     k.add_argument("--json", action="store_true")
     k.set_defaults(func=_cmd_list)

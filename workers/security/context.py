@@ -16,10 +16,14 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+import redis
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from policies.trust import TrustStore, key_id
+from policies.audit import load_public_key
+from policies.trust import PUBLISHED, TrustStore, key_id, read_published
+from workers.resources import policy_redis
 from workers.security.keys import KeyFileError, load_private_key, read_trust
 from workers.settings import SecuritySettings, SettingsError, get_settings
 
@@ -66,12 +70,58 @@ class TrustCache:
         return self._store
 
 
+class PublishedTrust:
+    """The trust store published in Redis, accepted only if the admin root key signed it.
+
+    Re-read every `recheck` seconds (one GET); a value that is unsigned, badly
+    signed, malformed, or older than the newest version seen (a rollback to a
+    store from before a revocation) is refused with an error log, and the last
+    good store is kept. Until a first good one, nothing is trusted.
+    """
+
+    def __init__(self, client: Any, root: Ed25519PublicKey, *, recheck: float = RECHECK) -> None:
+        self.client = client
+        self.root = root
+        self.recheck = recheck
+        self._lock = threading.Lock()
+        self._checked = float("-inf")
+        self._store = TrustStore()
+        self.version = -1
+        self._last_refusal = ""
+
+    def get(self) -> TrustStore:
+        now = time.monotonic()
+        if now - self._checked < self.recheck:
+            return self._store
+        with self._lock:
+            self._checked = now
+            try:
+                raw = self.client.get(PUBLISHED)
+            except redis.RedisError as exc:
+                logger.warning("published trust store unreadable, keeping the last: %s", exc)
+                return self._store
+            if raw is None:
+                return self._store
+            found = read_published(self.root, raw)
+            if isinstance(found, str) or found[1] < self.version:
+                refusal = found if isinstance(found, str) else (
+                    f"published trust store version {found[1]} is older than {self.version} "
+                    "(a rollback): refused"
+                )  # fmt: skip
+                if refusal != self._last_refusal:
+                    logger.error("%s; keeping version %d", refusal, self.version)
+                    self._last_refusal = refusal
+                return self._store
+            self._store, self.version = found
+        return self._store
+
+
 @dataclass(frozen=True)
 class Security:
     """What this process needs to sign and to verify."""
 
     settings: SecuritySettings
-    trust: TrustCache | None
+    trust: TrustCache | PublishedTrust | None
     identity: str | None
     key: Ed25519PrivateKey | None
 
@@ -96,7 +146,10 @@ class Security:
     def verifying_problem(self) -> str | None:
         """Why this process cannot verify messages, or None."""
         if self.trust is None:
-            return "security is on but BULWARK_TRUST_FILE is not set (`bulwark keys init`)"
+            return (
+                "security is on but neither BULWARK_TRUST_FILE nor BULWARK_TRUST_ROOT_KEY_FILE "
+                "is set (`bulwark keys init`)"
+            )
         return None
 
 
@@ -118,8 +171,17 @@ def security() -> Security:
             key = load_private_key(settings.signing_key_file)
         except KeyFileError as exc:
             raise SettingsError([f"BULWARK_SIGNING_KEY_FILE: {exc}"]) from None
-    trust = TrustCache(settings.trust_file) if settings.trust_file else None
-    return Security(settings, trust, settings.identity, key)
+    return Security(settings, _trust(settings), settings.identity, key)
+
+
+def _trust(settings: SecuritySettings) -> TrustCache | PublishedTrust | None:
+    if settings.trust_root_key_file:
+        try:
+            root = load_public_key(settings.trust_root_key_file)
+        except (OSError, ValueError) as exc:
+            raise SettingsError([f"BULWARK_TRUST_ROOT_KEY_FILE: {exc}"]) from None
+        return PublishedTrust(policy_redis(), root)
+    return TrustCache(settings.trust_file) if settings.trust_file else None
 
 
 def forget() -> None:
