@@ -299,3 +299,28 @@ class TestResults:
         with pytest.raises(ResultRefused, match="bad signature"):
             app.AsyncResult("edited-1").get(timeout=5)
         assert not canary.exists(), "nothing named in a forged result was imported or run"
+
+
+class TestAuditCompleteness:
+    """Every accepted message yields exactly one accept and one execute record."""
+
+    def test_one_accept_and_one_execute_per_message(self, r: redis.Redis, worker: Worker) -> None:
+        app = client()
+        sent = [app.send_task("bulwark.ping", args=[f"audited-{i}"]) for i in range(30)]
+        failing = [app.send_task("bulwark.ping", args=[]) for _ in range(5)]  # TypeError
+        for result in sent:
+            result.get(timeout=30)
+        ids = {x.id for x in sent + failing}
+
+        def counted() -> dict[str, dict[str, int]] | None:
+            seen: dict[str, dict[str, int]] = {i: {} for i in ids}
+            for entry in read_stream(r):
+                rec = entry.record
+                if rec is not None and rec.task_id in seen:
+                    seen[rec.task_id][rec.action] = seen[rec.task_id].get(rec.action, 0) + 1
+            done = all(Action.MESSAGE_EXECUTED in s for s in seen.values())
+            return seen if done else None
+
+        seen = poll(counted, deadline=30, what="an execute record for every message")
+        expected = {Action.MESSAGE_ACCEPTED: 1, Action.MESSAGE_EXECUTED: 1}
+        assert all(counts == expected for counts in seen.values()), seen
