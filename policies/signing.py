@@ -24,7 +24,7 @@ import hashlib
 import json
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -77,13 +77,18 @@ class Claims:
     exp: int
     jti: str
 
+    def as_dict(self) -> dict[str, Any]:
+        # Not dataclasses.asdict: it deep-copies, a fifth of a verification's Python time.
+        return {"iss": self.iss, "kid": self.kid, "iat": self.iat, "exp": self.exp,
+                "jti": self.jti}  # fmt: skip
+
 
 def _input(
     claims: Claims, headers: Mapping[str, Any], queue: str, body: bytes, content_type: str
 ) -> bytes:
     return _DOMAIN + canonical(
         {
-            "claims": asdict(claims),
+            "claims": claims.as_dict(),
             "headers": signed_headers(headers),
             "queue": queue,
             "content_type": content_type,
@@ -102,7 +107,7 @@ def sign(
 ) -> dict[str, Any]:
     """The `bulwark_sig` header value: the claims and their signature."""
     signature = key.sign(_input(claims, headers, queue, body, content_type))
-    return {**asdict(claims), "sig": base64.b64encode(signature).decode()}
+    return {**claims.as_dict(), "sig": base64.b64encode(signature).decode()}
 
 
 def parse_claims(value: Any) -> tuple[Claims, bytes] | str:
