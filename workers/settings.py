@@ -736,6 +736,13 @@ class Settings:
             raise SettingsError(
                 ["BULWARK_ALERT_WEBHOOK_URL needs BULWARK_ALERT_WEBHOOK_SECRET (the HMAC key)"]
             )
+        if self.security.encrypt and not self.security.enabled:
+            raise SettingsError(
+                [
+                    "BULWARK_ENCRYPT needs BULWARK_SECURITY on: workers open sealed arguments "
+                    "only after verifying the message's signature"
+                ]
+            )
         clash = {DEFAULT_QUEUE, ALERTS_QUEUE, DEADLETTER_QUEUE} & set(self.scaling.queues)
         if clash:
             raise SettingsError([f"BULWARK_QUEUES may not name the fixed queues {sorted(clash)}"])
