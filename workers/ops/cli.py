@@ -13,7 +13,7 @@ import redis
 from policies.errors import PolicyConfigError
 from workers.app import app
 from workers.fleet import FleetUnreadable
-from workers.ops import alerts, audit, deadletters, keys, status
+from workers.ops import acl, alerts, audit, deadletters, keys, status
 from workers.ops.supervisor import ProcfileError, proc, up
 from workers.resources import RedisUnavailable, policy, wait_for_redis
 from workers.security.audit import Action, record
@@ -141,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     deadletters.register(sub)
     audit.register(sub)
     keys.register(sub)
+    acl.register(sub)
     return parser
 
 

@@ -5,6 +5,11 @@ is reported (`workers.ops.manager`); the rest of the fleet keeps running.
 Ctrl-C (or SIGTERM) reaches this supervisor only (every child runs in its own
 session); it sends SIGTERM to each child's process group, SIGKILL after 5 s, and
 the embedded Redis stops last, its folder removed.
+
+The embedded Redis (Redis 6 or later) has ACL users per role (`workers.ops.acl`):
+each process connects as its role's user (`REDIS_ROLE_OF`), with a password generated
+for this run in a file of the state folder (mode 0600) named by
+BULWARK_REDIS_PASSWORD_FILE; the user is in REDIS_URL, the password never is.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from pathlib import Path
 
 from honcho.environ import parse_procfile
 
-from workers.ops.embedded import EmbeddedRedis
+from workers.ops.acl import Acl, supported
+from workers.ops.embedded import EmbeddedRedis, find_redis_server, redis_version
 from workers.ops.manager import SupervisedManager
 from workers.resources import redact_url, wait_for_redis
 from workers.security.keys import dev_keys
@@ -39,9 +45,15 @@ class Fleet:
     #: Per process, the variables of its identity (development keys), if `up` made them.
     identities: dict[str, dict[str, str]] | None = None
     keys_folder: Path | None = None
+    #: Per process, its Redis user's REDIS_URL and password file, with ACL users.
+    redis_users: dict[str, dict[str, str]] | None = None
 
     def env_of(self, name: str) -> dict[str, str]:
-        return {**self.env, **(self.identities or {}).get(name, {})}
+        return {
+            **self.env,
+            **(self.identities or {}).get(name, {}),
+            **(self.redis_users or {}).get(name, {}),
+        }
 
 
 #: Who each Procfile process signs as, with the development keys.
@@ -59,6 +71,40 @@ def with_dev_keys(fleet: Fleet, settings: Settings) -> Fleet:
     fleet.env.setdefault("BULWARK_ENCRYPT", "payments.*")  # the demo's charges travel sealed
     identities = {name: keys.env(IDENTITY_OF.get(name, "worker")) for name in fleet.processes}
     return replace(fleet, identities=identities, keys_folder=folder)
+
+
+#: Whose Redis user each Procfile process connects as, with ACL users (else "worker").
+#: The demo is a producer that also plays a flaky gateway: its user is the producer's
+#: with the demo's keys (`bulwark:{demo:*}:*`) added.
+REDIS_ROLE_OF = {"demo": "demo"}
+
+
+def password_files(folder: Path, passwords: Mapping[str, str]) -> dict[str, Path]:
+    """Each user's password in `folder/<user>.password` (folder 0700, files 0600)."""
+    folder.mkdir(mode=0o700, exist_ok=True)
+    files = {}
+    for user, password in passwords.items():
+        path = folder / f"{user}.password"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(password + "\n")
+        files[user] = path
+    return files
+
+
+def with_redis_users(fleet: Fleet, redis: EmbeddedRedis, files: Mapping[str, Path]) -> Fleet:
+    """Each process connects as its role's ACL user: the user in REDIS_URL, its password
+    from BULWARK_REDIS_PASSWORD_FILE (a password given to `up` is not passed on)."""
+    for name in ("BULWARK_REDIS_PASSWORD", "BULWARK_REDIS_PASSWORD_FILE"):
+        fleet.env.pop(name, None)
+    users = {}
+    for name in fleet.processes:
+        role = REDIS_ROLE_OF.get(name, "worker")
+        users[name] = {
+            "REDIS_URL": redis.url_for(role, password=False),
+            "BULWARK_REDIS_PASSWORD_FILE": str(files[role]),
+        }
+    return replace(fleet, redis_users=users)
 
 
 class ProcfileError(RuntimeError):
@@ -138,13 +184,25 @@ def plan(
     )
 
 
-def banner(fleet: Fleet, redis_url: str, embedded: bool, flower_port: int) -> str:
+def banner(
+    fleet: Fleet,
+    redis_url: str,
+    embedded: bool,
+    flower_port: int,
+    *,
+    acl: str = "",
+    operator: str = "",
+) -> str:
+    """What `up` prints first. `acl`: a note on the embedded Redis's ACL users; `operator`:
+    the variables a `bulwark` command needs to run as the operator there."""
     where = "embedded redis-server" if embedded else "REDIS_URL"
     lines = [
         "",
         "Bulwark fleet starting: " + ", ".join(fleet.processes),
         f"  Redis     {redact_url(redis_url)}  ({where})",
     ]
+    if acl:
+        lines.append(f"  ACL       {acl}")
     if "flower" in fleet.processes:
         shown = (
             fleet.flower_password
@@ -158,9 +216,10 @@ def banner(fleet: Fleet, redis_url: str, embedded: bool, flower_port: int) -> st
             f"  Keys      {fleet.keys_folder}  (a producer: bulwark keys new-producer NAME "
             "--allow 'payments.*')"
         )
+    operator = operator or f"REDIS_URL={redact_url(redis_url)}"
     lines += [
-        f"  Status    REDIS_URL={redact_url(redis_url)} bulwark status",
-        f"  Dead      REDIS_URL={redact_url(redis_url)} bulwark deadletter list",
+        f"  Status    {operator} bulwark status",
+        f"  Dead      {operator} bulwark deadletter list",
         "  Stop      Ctrl-C",
         "",
     ]
@@ -175,20 +234,39 @@ def up(
     without: Iterable[str] = (),
 ) -> int:
     embedded: EmbeddedRedis | None = None
+    acl_note = operator = ""
     state_dir = Path(tempfile.mkdtemp(prefix="bulwark-state-"))
     try:
         fleet = plan(settings, procfile, only=only, without=without)  # the Procfile first
         given = os.environ.get("REDIS_URL", "")
         if given:
-            redis_url = settings.redis_url  # BULWARK_REDIS_PASSWORD put in
+            redis_url = supervisor_url = settings.redis_url  # BULWARK_REDIS_PASSWORD put in
             wait_for_redis(redis_url).close()
             fleet.env["REDIS_URL"] = given
         else:
             password = settings.redis_password
-            embedded = EmbeddedRedis(password=password.reveal() if password else None).start()
-            redis_url = embedded.url
+            binary = find_redis_server()
+            acl = None
+            if supported(redis_version(binary)):  # ACL users; a password given is the operator's
+                acl = Acl(settings.all_queues, demo="demo" in fleet.processes)
+            embedded = EmbeddedRedis(
+                binary=binary, password=password.reveal() if password else None, acl=acl
+            ).start()
+            redis_url = supervisor_url = embedded.url
             # The processes get the password from BULWARK_REDIS_PASSWORD(_FILE), not the URL.
             fleet.env["REDIS_URL"] = f"redis://127.0.0.1:{embedded.port}/0"
+            if embedded.acl is not None:
+                files = password_files(state_dir / "redis", embedded.passwords)
+                fleet = with_redis_users(fleet, embedded, files)
+                supervisor_url = embedded.url_for("worker")  # its records of restarts
+                version = ".".join(map(str, embedded.version))
+                acl_note = (
+                    f"redis-server {version}: users {', '.join(sorted(embedded.passwords))} "
+                    f"(default off), passwords in {files['operator'].parent}"
+                )
+                operator = f"REDIS_URL={embedded.url_for('operator', password=False)}"
+                if password is None:  # else the operator's is BULWARK_REDIS_PASSWORD's
+                    operator += f" BULWARK_REDIS_PASSWORD_FILE={files['operator']}"
         fleet.env["BULWARK_STATE_DIR"] = str(state_dir)
         # Temporary files of the processes live in the state dir too: what a killed
         # process could not clean up is removed with it.
@@ -197,10 +275,11 @@ def up(
         fleet.env.setdefault("BULWARK_METRICS_DIR", str(state_dir / "metrics"))
         fleet = with_dev_keys(fleet, settings)
         print(
-            banner(fleet, redis_url, embedded is not None, settings.security.flower_port),
+            banner(fleet, redis_url, embedded is not None, settings.security.flower_port,
+                   acl=acl_note, operator=operator),
             flush=True,
-        )
-        manager = SupervisedManager(redis_url=redis_url)
+        )  # fmt: skip
+        manager = SupervisedManager(redis_url=supervisor_url)
         for name, cmd in fleet.processes.items():
             manager.add_process(
                 name, cmd, env=fleet.env_of(name), cwd=str(procfile.resolve().parent)

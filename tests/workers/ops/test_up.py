@@ -1,4 +1,5 @@
-"""`bulwark up`: the whole Procfile on an embedded Redis, tasks visible in Flower, clean stop."""
+"""`bulwark up`: the whole Procfile on an embedded Redis, tasks visible in Flower, clean stop;
+each process as its role's Redis ACL user."""
 
 from __future__ import annotations
 
@@ -105,8 +106,17 @@ class TestUp:
                 what="the banner with Flower credentials",
             )
             auth = (banner.group(1), banner.group(2))
-            redis_port = int(re.search(r"redis://127\.0\.0\.1:(\d+)", output()).group(1))
+            redis_port = int(re.search(r"redis://\S*127\.0\.0\.1:(\d+)", output()).group(1))
             assert redis_port != 6379
+            # The embedded Redis has ACL users; the banner says how to be its operator.
+            operator_file = Path(re.search(r"BULWARK_REDIS_PASSWORD_FILE=(\S+)", output()).group(1))
+            assert operator_file.name == "operator.password"
+            passwords = {
+                p.stem: p.read_text().strip() for p in operator_file.parent.glob("*.password")
+            }
+            assert sorted(passwords) == ["demo", "operator", "producer", "worker"]
+            modes = {p.stat().st_mode & 0o777 for p in operator_file.parent.iterdir()}
+            assert modes == {0o600}, "each password in a file of its owner's only"
 
             def succeeded_in_flower() -> set[str]:
                 status, body = http_get(
@@ -123,6 +133,24 @@ class TestUp:
                 every=0.5,
                 what="demo tasks of every bulkhead queue succeeding in Flower",
             )
+            # No process of the fleet was refused anything by Redis; the producer's
+            # credentials cannot touch a policy's state; a connection without any, nothing.
+            url = f"redis://operator:{passwords['operator']}@127.0.0.1:{redis_port}/0"
+            broker = redis.Redis.from_url(url)
+            assert broker.acl_log() == [], "no process was refused a command or key"
+            producer = redis.Redis(port=redis_port, username="producer",
+                                   password=passwords["producer"])  # fmt: skip
+            policy_key = keys.key("breaker", "payments", "state")
+            for write in (
+                lambda: producer.set(policy_key, "x"),
+                lambda: producer.delete(policy_key),
+            ):
+                with pytest.raises(redis.exceptions.NoPermissionError):
+                    write()
+            producer.close()
+            with pytest.raises(redis.AuthenticationError):
+                redis.Redis(port=redis_port).get(policy_key)
+            assert not [p for p in passwords.values() if p in output()], "no password printed"
             # Basic auth is on: no credentials, no data.
             assert http_get(f"http://127.0.0.1:{port}/api/tasks", auth=None)[0] == 401
             assert http_get(f"http://127.0.0.1:{port}/api/tasks", auth=(auth[0], "wrong"))[0] == 401
@@ -131,8 +159,6 @@ class TestUp:
 
             # SIGKILL one worker while it holds charges: the supervisor restarts it,
             # nothing else stops, and no charge is lost (run once, or kept as interrupted).
-            url = f"redis://127.0.0.1:{redis_port}/0"
-            broker = redis.Redis.from_url(url)
             assert f"Keys      {folder}" in output()
             # This test sends as the fleet's operator, with the keys `up` made.
             for name, value in dev_keys(folder).env("operator").items():
