@@ -7,6 +7,8 @@ COPY policies ./policies
 COPY workers ./workers
 COPY tasks ./tasks
 RUN pip install --no-cache-dir .
+# The keys volume (docker-compose.yml) starts as this folder: owned by the process user.
+RUN mkdir /keys && chown bulwark /keys && chmod 700 /keys
 USER bulwark
 ENV PYTHONUNBUFFERED=1
 ENTRYPOINT ["bulwark", "proc"]

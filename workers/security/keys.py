@@ -169,11 +169,14 @@ def dev_keys(folder: Path) -> DevKeys:
         ("operator", "operator", ()),
         ("demo", "producer", DEMO_TASKS),
     ):
-        existing = sorted(folder.glob(f"{name}.k*.pem"))
-        if store.identity(name) is not None and existing:
-            files[name] = existing[-1]
+        stable = folder / f"{name}.pem"  # a name a container's environment can give
+        if store.identity(name) is not None and stable.exists():
+            files[name] = stable
             continue
-        _kid, files[name] = add_identity(trust_file, folder, name, role=role, tasks=tasks)
+        _kid, made = add_identity(trust_file, folder, name, role=role, tasks=tasks)
+        write_private(stable, made.read_bytes())
+        made.unlink()
+        files[name] = stable
         store = read_trust(trust_file)
     data_keys = folder / "data-keys.json"
     if not data_keys.exists():
