@@ -155,10 +155,11 @@ class ResilientTask(Task):  # type: ignore[misc]
         request = self.request
         args, kwargs = list(request.args or ()), dict(request.kwargs or {})
         said = f"{type(error).__name__}: {error}" if error is not None else None
-        if sealed.encrypted(self.name):  # kept sealed at rest; the error may quote them
-            kept = {"args": args, "kwargs": kwargs, "error": said}
+        if sealed.encrypted(self.name):  # kept sealed at rest; error and reason may quote them
+            kept = {"args": args, "kwargs": kwargs, "error": said, "reason": reason}
             args, kwargs = [], sealed.seal_value(kept, self.name, request.id, "deadletter")
             said = f"{type(error).__name__}: (sealed)" if error is not None else None
+            reason = f"{reason.split(':', 1)[0]}: (sealed)"
         letter = deadletters().add(
             DeadLetter(
                 task_name=self.name,

@@ -13,17 +13,29 @@ and rest sealed with AES-256-GCM (`policies.sealing`).
 - At rest: the result of an encrypted task is sealed in the result backend (its
   extended `args`/`kwargs` are not stored), and its dead letter keeps the
   arguments sealed; `bulwark deadletter replay` opens them and sends them anew.
+- Errors: an exception's message may quote the arguments, so the worker shows an
+  encrypted task's exception by its type only, "TypeError: (sealed)": in Celery's
+  log lines about the task (`SealedErrorFilter`, the traceback keeps its frames)
+  and in its `task-failed` and `task-retried` events (`SealedEvents`, what Flower
+  shows). Its return value is not logged nor sent in `task-succeeded` either.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
 import time
+import traceback
 import uuid
+from collections.abc import Mapping
+from types import TracebackType
 from typing import Any
 
+from billiard.einfo import ExceptionWithTraceback
 from celery import signals
+from celery.utils.imports import symbol_by_name
+from celery.utils.serialization import UnpickleableExceptionWrapper
 
 from policies.authz import glob_match
 from policies.sealing import KeyRing, SealError, open_sealed, seal
@@ -34,6 +46,8 @@ __all__ = [
     "JTI_HEADER",
     "SEALED",
     "SealError",
+    "SealedErrorFilter",
+    "SealedEvents",
     "connect",
     "encrypted",
     "open_message",
@@ -46,6 +60,10 @@ SEALED = "bulwark_sealed"
 #: The jti a sealed message is signed with, chosen when it is sealed (the signer takes it).
 JTI_HEADER = "bulwark_jti"
 HIDDEN = "'<sealed>'"
+#: What is shown of an encrypted task's exception message (after its type).
+SEALED_TEXT = "(sealed)"
+#: Celery's logger of task outcomes ("Task x[id] raised unexpected: ...", retries, ...).
+TRACE_LOGGER = "celery.app.trace"
 
 
 def encrypted(name: str) -> bool:
@@ -145,14 +163,100 @@ def is_sealed(value: Any) -> bool:
     return isinstance(value, dict) and set(value) == {SEALED}
 
 
-def _hide_results(sender: Any = None, **_: Any) -> None:
-    """Celery logs a task's return value and sends it in `task-succeeded` events (Flower):
-    an encrypted task's is shown as ', ...' (`resultrepr_maxsize` 0)."""
+def error_name(exc: Any) -> str:
+    """The type name of `exc` as the worker sees it (unwrapped from billiard and Celery)."""
+    if isinstance(exc, ExceptionWithTraceback):
+        exc = exc.exc
+    if isinstance(exc, UnpickleableExceptionWrapper):
+        return str(exc.exc_cls_name)
+    return type(exc).__name__
+
+
+def sealed_error(exc: Any) -> str:
+    """`exc` as an encrypted task's error is shown: its type, not its message."""
+    return f"{error_name(exc)}: {SEALED_TEXT}" if exc is not None else SEALED_TEXT
+
+
+def _frames(tb: TracebackType | None, said: str) -> str:
+    """A traceback with its frames (file, line, code) and `said` in place of the exception."""
+    frames = "".join(traceback.format_list(traceback.extract_tb(tb))) if tb is not None else ""
+    return f"Traceback (most recent call last):\n{frames}{said}"
+
+
+class SealedErrorFilter(logging.Filter):
+    """On Celery's `celery.app.trace` logger: a line about an encrypted task's failure or
+    retry names the exception's type, not its message, and its traceback only the frames.
+
+    Celery logs `"Task %(name)s[%(id)s] %(description)s: %(exc)s"` with the context as
+    the record's arguments (and as its `data` extra) and the exception as `exc_info`.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        context = record.args
+        if not isinstance(context, Mapping) or "exc" not in context:
+            return True
+        if not encrypted(str(context.get("name"))):
+            return True
+        exc_info = record.exc_info
+        said = sealed_error(exc_info[1]) if exc_info and exc_info[1] is not None else SEALED_TEXT
+        frames = _frames(exc_info[2], said) if exc_info else said
+        hidden = {**context, "exc": said}
+        if "traceback" in context:
+            hidden["traceback"] = frames
+        record.args = hidden
+        if isinstance(record.__dict__.get("data"), Mapping):
+            record.__dict__["data"] = hidden
+        if exc_info:
+            record.exc_info, record.exc_text = None, frames
+        return True
+
+
+class SealedEvents:
+    """Mixed into the worker's request class of an encrypted task: its `task-failed` and
+    `task-retried` events (what Flower stores and shows) carry the exception's type, not
+    its message or traceback. The worker's main process sends them; `on_failure` and
+    `on_retry` see the exception first."""
+
+    _sealed_error = SEALED_TEXT
+
+    def on_failure(self, exc_info: Any, *args: Any, **kwargs: Any) -> Any:
+        self._sealed_error = sealed_error(exc_info.exception)
+        return super().on_failure(exc_info, *args, **kwargs)  # type: ignore[misc]
+
+    def on_retry(self, exc_info: Any) -> Any:
+        retry = exc_info.exception
+        cause = getattr(retry, "exc", None)
+        self._sealed_error = sealed_error(retry if cause is None else cause)
+        return super().on_retry(exc_info)  # type: ignore[misc]
+
+    def send_event(self, type: str, **fields: Any) -> None:
+        for key in ("exception", "traceback"):
+            if key in fields:
+                fields[key] = self._sealed_error
+        super().send_event(type, **fields)  # type: ignore[misc]
+
+
+def _sealed_request(request: Any) -> type:
+    """The request class `request` (a class or its name) with `SealedEvents` mixed in."""
+    base = symbol_by_name(request)
+    if issubclass(base, SealedEvents):
+        return base  # type: ignore[no-any-return]
+    return type(f"Sealed{base.__name__}", (SealedEvents, base), {"__module__": __name__})
+
+
+def _seal_worker(sender: Any = None, **_: Any) -> None:
+    """Before the worker consumes or forks: for each encrypted task, its return value is
+    not shown (`resultrepr_maxsize` 0: Celery's log line and `task-succeeded` say ', ...'),
+    its events name only the type of an exception; Celery's lines about it too."""
     app = getattr(sender, "app", None)
     for name, task in app.tasks.items() if app is not None else ():
         if encrypted(name):
             task.resultrepr_maxsize = 0
+            task.Request = _sealed_request(task.Request)
+    trace_logger = logging.getLogger(TRACE_LOGGER)
+    if not any(isinstance(f, SealedErrorFilter) for f in trace_logger.filters):
+        trace_logger.addFilter(SealedErrorFilter())
 
 
 def connect() -> None:
-    signals.worker_init.connect(_hide_results, weak=False, dispatch_uid="bulwark.sealed.hide")
+    signals.worker_init.connect(_seal_worker, weak=False, dispatch_uid="bulwark.sealed.hide")

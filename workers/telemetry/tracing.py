@@ -13,10 +13,12 @@ Configured only by the standard variables, read by the SDK itself:
 
 Celery's producer and consumer spans come from opentelemetry-instrumentation-celery:
 the consumer span of a task is a child of the span that sent it. Task arguments
-are never recorded. Policy decisions about a task (deferred, retried,
-dead-lettered, fell back, rejected, breaker transitions, degradation) become
-events on the current span. Spans are flushed when a pool child exits and when
-the worker or beat shuts down.
+are never recorded. The instrumentation records a failed task's exception (message
+and stack trace, also in the span's status): an encrypted task's (`BULWARK_ENCRYPT`)
+is exported by its type only, as its logs and events show it. Policy decisions
+about a task (deferred, retried, dead-lettered, fell back, rejected, breaker
+transitions, degradation) become events on the current span. Spans are flushed
+when a pool child exits and when the worker or beat shuts down.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from opentelemetry.sdk.trace.export import (
 from opentelemetry.trace import Status
 
 from policies import events
+from workers.security import sealed
 from workers.settings import SettingsError
 from workers.telemetry.logs import redact, redact_value
 
@@ -62,6 +65,12 @@ EXPORTERS = ("otlp", "console", "none")
 ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 #: Events that happen on every call: counted by metrics, not worth a span event.
 ROUTINE = (events.CallRecorded, events.BulkheadChanged)
+#: Attributes of the Celery instrumentation: the task a span runs or sends, a retry's reason.
+TASK_NAME = "celery.task_name"
+RETRY_REASON = "celery.retry.reason"
+#: The span event `record_exception` adds, and its attributes that quote the exception.
+EXCEPTION_EVENT = "exception"
+EXCEPTION_TEXT = ("exception.message", "exception.stacktrace")
 
 _lock = threading.Lock()
 _provider: TracerProvider | None = None
@@ -105,12 +114,34 @@ def _masked(attributes: Mapping[str, Any] | None) -> dict[str, Any]:
     }
 
 
+def _of_encrypted_task(span: ReadableSpan) -> bool:
+    name = (span.attributes or {}).get(TASK_NAME)
+    return isinstance(name, str) and sealed.encrypted(name)
+
+
+def _sealed_events(span: ReadableSpan) -> tuple[list[SpanEvent], str]:
+    """An encrypted task's span events with the exception text sealed, and what its
+    status says instead ("TypeError: (sealed)")."""
+    out, said = [], sealed.SEALED_TEXT
+    for event in span.events:
+        attributes = dict(event.attributes or {})
+        if event.name == EXCEPTION_EVENT:
+            kind = attributes.get("exception.type")
+            said = f"{kind}: {sealed.SEALED_TEXT}" if kind else sealed.SEALED_TEXT
+            for key in EXCEPTION_TEXT:
+                if key in attributes:
+                    attributes[key] = said
+        out.append(SpanEvent(event.name, attributes, event.timestamp))
+    return out, said
+
+
 class RedactingExporter(SpanExporter):
     """Masks secrets in span attributes, event attributes and status text before export.
 
     The Celery instrumentation records a failed task's exception message and
     stack trace on its span; an exception may quote a password or a token, and
-    a trace must never carry one.
+    a trace must never carry one. An encrypted task's exception may quote its
+    arguments: its span keeps the exception's type, not its message or stack.
     """
 
     def __init__(self, inner: SpanExporter) -> None:
@@ -121,7 +152,13 @@ class RedactingExporter(SpanExporter):
 
     @staticmethod
     def _redacted(span: ReadableSpan) -> ReadableSpan:
-        status = span.status
+        status, span_events, attributes = span.status, list(span.events), span.attributes
+        if _of_encrypted_task(span):
+            span_events, said = _sealed_events(span)
+            if status.description:
+                status = Status(status.status_code, said)
+            if attributes and RETRY_REASON in attributes:
+                attributes = {**attributes, RETRY_REASON: sealed.SEALED_TEXT}
         if status.description:
             status = Status(status.status_code, redact(status.description))
         return ReadableSpan(
@@ -129,8 +166,8 @@ class RedactingExporter(SpanExporter):
             context=span.context,
             parent=span.parent,
             resource=span.resource,
-            attributes=_masked(span.attributes),
-            events=[SpanEvent(e.name, _masked(e.attributes), e.timestamp) for e in span.events],
+            attributes=_masked(attributes),
+            events=[SpanEvent(e.name, _masked(e.attributes), e.timestamp) for e in span_events],
             links=span.links,
             kind=span.kind,
             status=status,
