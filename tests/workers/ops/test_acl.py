@@ -22,6 +22,8 @@ import pytest
 import redis
 from celery.result import ResultSet
 from kombu.transport import redis as kombu_redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from policies import keys
 from policies.trust import PUBLISHED
@@ -36,6 +38,7 @@ from workers.security import context
 from workers.settings import Settings, get_settings
 
 POLICY_KEY = keys.key("breaker", "payments", "state")
+NO_RETRY = Retry(NoBackoff(), 0)
 QUEUES = Settings.from_env({}).all_queues
 
 
@@ -224,15 +227,18 @@ class TestRoles:
                 assert b"no permissions" in answer
 
     def test_default_user_can_do_nothing(self, locked: EmbeddedRedis) -> None:
+        # No retries: redis-py retries a refused AUTH with back-off, seconds each.
         for protocol in (2, 3):
             with (
                 pytest.raises(redis.AuthenticationError),
-                redis.Redis(port=locked.port, protocol=protocol) as nobody,
+                redis.Redis(port=locked.port, protocol=protocol, retry=NO_RETRY) as nobody,
             ):
                 nobody.set(POLICY_KEY, "x")
         with (
             pytest.raises(redis.AuthenticationError),
-            redis.Redis(port=locked.port, username="default", password="") as default,
+            redis.Redis(
+                port=locked.port, username="default", password="", retry=NO_RETRY
+            ) as default,
         ):
             default.ping()
         with as_user(locked, "operator") as admin:
