@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -174,12 +176,16 @@ def _show(entries: Iterable[Entry], as_json: bool) -> None:
 
 def _cmd_tail(args: argparse.Namespace) -> int:
     client = policy_redis()
+    stop = threading.Event()
+    if args.follow:  # Ctrl-C (or SIGTERM) ends the loop between reads, never inside one
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
     try:
         entries, last = read_tail(client, args.n)
         _show(entries, args.json)
         last = last or "0-0"
-        while args.follow:
-            replies: Any = client.xread({AUDIT_STREAM: last}, count=500, block=1000)
+        while args.follow and not stop.is_set():
+            replies: Any = client.xread({AUDIT_STREAM: last}, count=500, block=500)
             for _stream, rows in replies or ():
                 entries, newest = read_tail(client, len(rows), after=last)
                 _show(entries, args.json)
