@@ -10,7 +10,8 @@ kept until the message expires:
 
 Both steps ride on round trips the transport makes anyway (recording the
 delivery in the unacked index; removing it on acknowledgement), so replay
-protection adds no round trip of its own.
+protection adds no round trip of its own. On Redis 7 the first step is one
+native `SET key a NX GET EX`; before 7 (NX and GET not together) a Lua step.
 """
 
 from __future__ import annotations
@@ -47,14 +48,37 @@ def state(reply: Any) -> Seen:
     return _STATES.get(reply, "replayed")
 
 
+class _Reply:
+    """The reply of a native `SET NX GET` at `index` of a pipeline's results."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def reply(self, results: Any) -> Any:
+        return results if isinstance(results, BaseException) else results[self.index]
+
+
 class Replays:
     """The fleet-wide record of delivered and acknowledged message ids (jti)."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, *, native: bool | None = None) -> None:
         self._scripts = Scripts(client)
+        self._client = client
+        self._native = native
 
-    def queue_seen(self, pipe: redis.client.Pipeline, jti: str, exp: float) -> Queued:
+    def native(self) -> bool:
+        """Redis >= 7 takes `SET key a NX GET` (one native command, cheaper than Lua)."""
+        if self._native is None:
+            version = str(self._client.info("server").get("redis_version", "0"))
+            self._native = int(version.split(".", 1)[0]) >= 7
+        return self._native
+
+    def queue_seen(self, pipe: redis.client.Pipeline, jti: str, exp: float) -> Queued | _Reply:
         """Note `jti` as delivered on `pipe`; `state(handle.reply(results))` says how."""
+        if self.native():
+            index = len(pipe)
+            pipe.set(key(jti), "a", nx=True, get=True, ex=keep_for(exp))
+            return _Reply(index)
         return self._scripts.queue(pipe, "jti_seen", [key(jti)], [keep_for(exp)])
 
     def seen(self, jti: str, exp: float) -> Seen:
