@@ -31,6 +31,8 @@ _STATES: dict[Any, Seen] = {None: "first", b"a": "redelivered", "a": "redelivere
 
 #: Kept at least this long, at most `MAX_KEEP`, whatever a message's expiry says.
 MIN_KEEP, MAX_KEEP = 60, 8 * 24 * 3600
+#: The jti `Replays.native` tries its command with (no message has it: not hex).
+PROBE = "probe"
 
 
 def key(jti: str) -> str:
@@ -67,10 +69,14 @@ class Replays:
         self._native = native
 
     def native(self) -> bool:
-        """Redis >= 7 takes `SET key a NX GET` (one native command, cheaper than Lua)."""
+        """Whether this Redis takes `SET key a NX GET` (7.0 and later: one native command,
+        cheaper than Lua). Asked once, by trying it (INFO may be refused by an ACL)."""
         if self._native is None:
-            version = str(self._client.info("server").get("redis_version", "0"))
-            self._native = int(version.split(".", 1)[0]) >= 7
+            try:
+                self._client.set(key(PROBE), "a", nx=True, get=True, ex=MIN_KEEP)
+                self._native = True
+            except redis.ResponseError:
+                self._native = False
         return self._native
 
     def queue_seen(self, pipe: redis.client.Pipeline, jti: str, exp: float) -> Queued | _Reply:

@@ -36,6 +36,20 @@ def test_keep_for_is_bounded() -> None:
     assert keep_for(10**12, now=0) == 8 * 24 * 3600
 
 
-def test_native_is_chosen_by_version(r: redis.Redis) -> None:
+def test_native_is_chosen_by_trying_it(r: redis.Redis) -> None:
     major = int(str(r.info("server")["redis_version"]).split(".")[0])
     assert Replays(r).native() is (major >= 7)
+
+
+def test_native_is_found_under_an_acl_that_refuses_info(r: redis.Redis, redis_url: str) -> None:
+    r.acl_setuser("noinfo", enabled=True, passwords=["+pw"], keys=["*"],
+                  commands=["+@all", "-info"])  # fmt: skip
+    limited = redis.Redis.from_url(redis_url, username="noinfo", password="pw")
+    try:
+        with pytest.raises(redis.ResponseError):
+            limited.info()
+        major = int(str(r.info("server")["redis_version"]).split(".")[0])
+        assert Replays(limited).native() is (major >= 7)
+    finally:
+        limited.close()
+        r.acl_deluser("noinfo")
