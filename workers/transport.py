@@ -38,6 +38,9 @@ __all__ = ["GuardedChannel", "GuardedQoS", "GuardedTransport", "keep", "quaranti
 
 logger = logging.getLogger(__name__)
 
+#: Set on a kombu message by `GuardedQoS.append`: its (jti, exp), for the acknowledgement.
+JTI = "bulwark_jti"
+
 #: `task_name` of a dead letter whose message could not be read at all.
 UNREADABLE = "<unreadable message>"
 
@@ -106,6 +109,7 @@ class GuardedQoS(kombu_redis.QoS):
             reply = seen.reply(results)
             if not isinstance(reply, Exception):
                 setattr(message, JTI_SEEN, state(reply))
+                setattr(message, JTI, signed)
         kombu_redis.virtual.QoS.append(self, message, delivery_tag)
 
     def _replays(self) -> Replays:
@@ -116,7 +120,7 @@ class GuardedQoS(kombu_redis.QoS):
 
     def ack(self, delivery_tag: Any) -> None:
         message = self._delivered.get(delivery_tag)
-        signed = jti_of(getattr(message, "headers", None))
+        signed = getattr(message, JTI, None)  # noted by `append`, with the replay record
         pipe = self._remove_from_indices(delivery_tag)
         if signed is not None and getattr(message, JTI_SEEN, None) is not None:
             Replays.queue_done(pipe, signed[0])
