@@ -49,7 +49,6 @@ from __future__ import annotations
 
 from policies.audit.chain import Chain
 from policies.audit.files import FileSink, file_name, read_dir, read_file
-from policies.audit.keyfile import load_private_key, load_public_key, public_key_pem
 from policies.audit.log import AuditConfig, AuditLog, QueuedFlush, writer_id
 from policies.audit.record import (
     CHECKPOINT,
@@ -70,6 +69,7 @@ from policies.audit.stream import (
     read_tail,
 )
 from policies.audit.verify import ChainSummary, Flaw, Problem, Report, verify
+from policies.keyfile import load_private_key, load_public_key, public_key_pem
 
 __all__ = [
     "AUDIT_CHECKPOINTS",

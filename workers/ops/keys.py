@@ -22,10 +22,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
-
-from policies.audit import Action, load_private_key, public_key_pem
+from policies.audit import Action
 from policies.sealing import KeyRing
 from policies.trust import PUBLISHED, ROLES, TrustError, publish_value, read_published
 from workers.resources import policy_redis
@@ -34,8 +31,9 @@ from workers.security.keys import (
     KeyFileError,
     add_identity,
     dev_keys,
+    load_private_key,
     read_trust,
-    write_private,
+    write_key_pair,
     write_trust,
 )
 from workers.settings import get_settings
@@ -151,16 +149,14 @@ def _cmd_root_init(args: argparse.Namespace) -> int:
     private, public = _folder() / "root.pem", _folder() / "root.pub.pem"
     if private.exists():
         raise KeyFileError(f"{private} exists: a fleet has one root key")
-    key = Ed25519PrivateKey.generate()
-    write_private(private, key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
-    public.write_bytes(public_key_pem(key))
+    write_key_pair(private, public)
     print(f"admin root key {private.resolve()} (keep it offline)")
     print(f"workers trust what it signs: BULWARK_TRUST_ROOT_KEY_FILE={public.resolve()}")
     return 0
 
 
 def _cmd_publish(args: argparse.Namespace) -> int:
-    root = load_private_key(args.root_key or _folder() / "root.pem")
+    root = load_private_key(args.root_key or _folder() / "root.pem")  # KeyFileError if unsafe
     store = read_trust(_trust_file())
     client = policy_redis()
     current = client.get(PUBLISHED)

@@ -8,7 +8,6 @@ refused: it is a secret, and a key that leaked is not an identity.
 from __future__ import annotations
 
 import os
-import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +17,9 @@ from cryptography.hazmat.primitives.serialization import (
     Encoding,
     NoEncryption,
     PrivateFormat,
-    load_pem_private_key,
 )
 
-from policies.audit import public_key_pem
+from policies import keyfile
 from policies.authz import Grant
 from policies.sealing import KeyRing
 from policies.trust import Identity, KeyEntry, TrustError, TrustStore, key_id
@@ -34,24 +32,20 @@ class KeyFileError(ValueError):
 
 
 def load_private_key(path: str | Path) -> Ed25519PrivateKey:
-    """The Ed25519 private key in PEM file `path`; refused if group or others may read it."""
-    path = Path(path)
+    """`policies.keyfile.load_private_key`, its refusals as `KeyFileError`."""
     try:
-        mode = path.stat().st_mode
-        data = path.read_bytes()
+        return keyfile.load_private_key(path)
     except OSError as exc:
         raise KeyFileError(f"cannot read private key {path}: {exc.strerror}") from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise KeyFileError(
-            f"private key {path} is readable by group or others (mode {stat.S_IMODE(mode):o}); "
-            f"run: chmod 600 {path}"
-        )
-    try:
-        key = load_pem_private_key(data, password=None)
-    except (ValueError, TypeError) as exc:
-        raise KeyFileError(f"private key {path} is not an unencrypted PEM key: {exc}") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise KeyFileError(f"private key {path} is not an Ed25519 key")
+    except ValueError as exc:
+        raise KeyFileError(str(exc)) from None
+
+
+def write_key_pair(private: Path, public: Path) -> Ed25519PrivateKey:
+    """A new Ed25519 key: its private half in `private` (0600), its public half in `public`."""
+    key = Ed25519PrivateKey.generate()
+    write_private(private, key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+    public.write_bytes(keyfile.public_key_pem(key))
     return key
 
 
@@ -148,10 +142,7 @@ def audit_keys(folder: Path) -> tuple[Path, Path]:
     """The audit key pair in `folder` (made once): (private, public) PEM files."""
     private, public = folder / "audit.pem", folder / "audit.pub.pem"
     if not private.exists():
-        key = Ed25519PrivateKey.generate()
-        write_private(private, key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8,
-                                                 NoEncryption()))  # fmt: skip
-        public.write_bytes(public_key_pem(key))
+        write_key_pair(private, public)
     return private, public
 
 

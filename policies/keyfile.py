@@ -1,8 +1,9 @@
-"""Reading the audit key pair: PEM, or the raw 32 key bytes in base64.
+"""Reading Ed25519 key files: PEM, or the raw 32 key bytes in base64.
 
-Writers hold the private key (they sign checkpoints); whoever verifies needs
-only the public key, so an auditor can check the log without being able to
-forge it.
+One reader for every key Bulwark keeps: the signing keys of identities, the
+admin root key, the audit key. Whoever holds a private key signs; whoever
+verifies needs only the public key. A private key file that its group or
+others may read is refused: a key that leaked is not an identity.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def _raw(data: bytes, path: Path, what: str) -> bytes:
 
 
 def load_public_key(path: Path | str) -> Ed25519PublicKey:
-    """The audit public key in `path` (ValueError names the file if it is not one)."""
+    """The Ed25519 public key in `path` (ValueError names the file if it is not one)."""
     path = Path(path)
     data = path.read_bytes()
     if data.lstrip().startswith(b"-----BEGIN"):
@@ -41,13 +42,24 @@ def load_public_key(path: Path | str) -> Ed25519PublicKey:
 
 
 def load_private_key(path: Path | str) -> Ed25519PrivateKey:
-    """The audit private key in `path`; refused if group or others may read the file."""
+    """The Ed25519 private key in `path`; refused if group or others may read the file.
+
+    OSError if it cannot be read; ValueError (naming the file) if it is unsafe or not
+    an unencrypted Ed25519 key.
+    """
     path = Path(path)
-    if path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ValueError(f"{path}: group or others may read the audit private key (chmod 600)")
+    mode = path.stat().st_mode
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ValueError(
+            f"private key {path} is readable by group or others (mode {stat.S_IMODE(mode):o}); "
+            f"run: chmod 600 {path}"
+        )
     data = path.read_bytes()
     if data.lstrip().startswith(b"-----BEGIN"):
-        key = serialization.load_pem_private_key(data, password=None)
+        try:
+            key = serialization.load_pem_private_key(data, password=None)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"private key {path} is not an unencrypted PEM key: {exc}") from None
         if not isinstance(key, Ed25519PrivateKey):
             raise ValueError(f"{path}: a {type(key).__name__}, not an Ed25519 private key")
         return key
