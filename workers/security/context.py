@@ -38,17 +38,15 @@ class SecurityOff(UserWarning):
     """Security was turned off: messages are neither signed nor verified."""
 
 
-class TrustCache:
-    """The trust store in `path`, re-read when the file changes."""
+class _Rechecked:
+    """A trust store read again at most every `recheck` seconds; a read that fails or is
+    refused keeps the last good store (`_read` returns None)."""
 
-    def __init__(self, path: str | Path, *, recheck: float = RECHECK) -> None:
-        self.path = Path(path)
+    def __init__(self, *, recheck: float) -> None:
         self.recheck = recheck
         self._lock = threading.Lock()
-        self._stamp: tuple[int, int] | None = None
         self._checked = float("-inf")
         self._store = TrustStore()
-        self.get()
 
     def get(self) -> TrustStore:
         now = time.monotonic()
@@ -56,21 +54,42 @@ class TrustCache:
             return self._store
         with self._lock:
             self._checked = now
-            try:
-                st = os.stat(self.path)
-                stamp = (st.st_mtime_ns, st.st_size)
-            except OSError:
-                stamp = None
-            if stamp != self._stamp:
-                try:
-                    self._store = read_trust(self.path)
-                    self._stamp = stamp
-                except KeyFileError as exc:
-                    logger.error("trust store not reloaded, keeping the last good one: %s", exc)
+            found = self._read()
+            if found is not None:
+                self._store = found
         return self._store
 
+    def _read(self) -> TrustStore | None:
+        raise NotImplementedError
 
-class PublishedTrust:
+
+class TrustCache(_Rechecked):
+    """The trust store in `path`, re-read when the file changes."""
+
+    def __init__(self, path: str | Path, *, recheck: float = RECHECK) -> None:
+        super().__init__(recheck=recheck)
+        self.path = Path(path)
+        self._stamp: tuple[int, int] | None = None
+        self.get()
+
+    def _read(self) -> TrustStore | None:
+        try:
+            st = os.stat(self.path)
+            stamp: tuple[int, int] | None = (st.st_mtime_ns, st.st_size)
+        except OSError:
+            stamp = None
+        if stamp == self._stamp:
+            return None
+        try:
+            store = read_trust(self.path)
+        except KeyFileError as exc:
+            logger.error("trust store not reloaded, keeping the last good one: %s", exc)
+            return None
+        self._stamp = stamp
+        return store
+
+
+class PublishedTrust(_Rechecked):
     """The trust store published in Redis, accepted only if the admin root key signed it.
 
     Re-read every `recheck` seconds (one GET); a value that is unsigned, badly
@@ -80,40 +99,32 @@ class PublishedTrust:
     """
 
     def __init__(self, client: Any, root: Ed25519PublicKey, *, recheck: float = RECHECK) -> None:
+        super().__init__(recheck=recheck)
         self.client = client
         self.root = root
-        self.recheck = recheck
-        self._lock = threading.Lock()
-        self._checked = float("-inf")
-        self._store = TrustStore()
         self.version = -1
         self._last_refusal = ""
 
-    def get(self) -> TrustStore:
-        now = time.monotonic()
-        if now - self._checked < self.recheck:
-            return self._store
-        with self._lock:
-            self._checked = now
-            try:
-                raw = self.client.get(PUBLISHED)
-            except redis.RedisError as exc:
-                logger.warning("published trust store unreadable, keeping the last: %s", exc)
-                return self._store
-            if raw is None:
-                return self._store
-            found = read_published(self.root, raw)
-            if isinstance(found, str) or found[1] < self.version:
-                refusal = found if isinstance(found, str) else (
-                    f"published trust store version {found[1]} is older than {self.version} "
-                    "(a rollback): refused"
-                )  # fmt: skip
-                if refusal != self._last_refusal:
-                    logger.error("%s; keeping version %d", refusal, self.version)
-                    self._last_refusal = refusal
-                return self._store
-            self._store, self.version = found
-        return self._store
+    def _read(self) -> TrustStore | None:
+        try:
+            raw = self.client.get(PUBLISHED)
+        except redis.RedisError as exc:
+            logger.warning("published trust store unreadable, keeping the last: %s", exc)
+            return None
+        if raw is None:
+            return None
+        found = read_published(self.root, raw)
+        if isinstance(found, str) or found[1] < self.version:
+            refusal = found if isinstance(found, str) else (
+                f"published trust store version {found[1]} is older than {self.version} "
+                "(a rollback): refused"
+            )  # fmt: skip
+            if refusal != self._last_refusal:
+                logger.error("%s; keeping version %d", refusal, self.version)
+                self._last_refusal = refusal
+            return None
+        store, self.version = found
+        return store
 
 
 @dataclass(frozen=True)
@@ -129,8 +140,9 @@ class Security:
     def enabled(self) -> bool:
         return self.settings.enabled
 
-    @property
+    @functools.cached_property
     def kid(self) -> str | None:
+        """The signing key's id (hashed once, not at every message signed)."""
         return key_id(self.key.public_key()) if self.key is not None else None
 
     def signing_problem(self) -> str | None:
