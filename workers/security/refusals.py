@@ -1,7 +1,8 @@
 """Fleet-wide counts of task messages refused by verification, by kind, for alerting.
 
-A refusal is rare and costs one more round trip: one script (`COUNT`) adds it to
-the current bucket of one hash in the policy Redis, bucketed by Redis TIME.
+A refusal is rare and costs one more round trip: one script
+(`policies/lua/refusals_count.lua`) adds it to the current bucket of one hash in
+the policy Redis, bucketed by Redis TIME.
 A message that passes verification costs nothing here. The fleet snapshot
 reads the hash whole (`queue_read`, on its first pipeline; `read` parses it).
 
@@ -23,16 +24,14 @@ Kinds (`classify`; the reasons are `workers.security.verifier.message_problem`'s
 from __future__ import annotations
 
 import logging
-import threading
-import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import redis
-from redis.commands.core import Script
 
 from policies import keys
+from policies.scripts import Scripts
 from workers.resources import policy_redis
 from workers.telemetry.metrics import security_refused
 
@@ -75,40 +74,6 @@ _STARTS: tuple[tuple[str, str], ...] = (
     ("issued ", "credentials"),
 )
 
-#: KEYS[1] the counts hash; ARGV: now ("" = Redis TIME), kind, bucket width, buckets kept.
-COUNT = """
--- Count one security refusal of kind ARGV[2] in the current bucket.
--- KEYS[1] counts  hash  "<bucket>:<kind>" -> refusals
--- ARGV[1] now (seconds) for tests, or "" to use the server's TIME
--- ARGV[2] kind
--- ARGV[3] bucket width, seconds
--- ARGV[4] buckets kept
--- returns the refusals of this kind in the current bucket
-local now
-if ARGV[1] ~= '' then
-  now = tonumber(ARGV[1])
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) + tonumber(t[2]) / 1e6
-end
-local width = tonumber(ARGV[3])
-local kept = tonumber(ARGV[4])
-local bucket = math.floor(now / width)
-local n = redis.call('HINCRBY', KEYS[1], bucket .. ':' .. ARGV[2], 1)
-if n == 1 then
-  -- a new field: drop the buckets that are no longer kept (amortised over a bucket)
-  for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
-    local b = tonumber(string.match(field, '^(%d+):'))
-    if b == nil or b <= bucket - kept then
-      redis.call('HDEL', KEYS[1], field)
-    end
-  end
-  -- Set from the start of the bucket, the expiry outlives every bucket kept.
-  redis.call('PEXPIRE', KEYS[1], math.ceil(width * (kept + 1) * 1000))
-end
-return n
-"""
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RefusalCount:
@@ -133,25 +98,13 @@ def classify(reason: str) -> str:
     return "other"
 
 
-_scripts: weakref.WeakKeyDictionary[redis.Redis, Script] = weakref.WeakKeyDictionary()
-_lock = threading.Lock()
-
-
-def _script(client: redis.Redis) -> Script:
-    with _lock:
-        script = _scripts.get(client)
-        if script is None:
-            script = _scripts[client] = client.register_script(COUNT)
-        return script
-
-
 def record(client: redis.Redis, kind: str, *, now: float | None = None) -> int:
     """Add one refusal of `kind` to its bucket (one round trip); `now` is for tests only.
 
     Returns the refusals of that kind in the bucket so far.
     """
     args: list[str | int] = ["" if now is None else repr(now), kind, BUCKET, KEPT]
-    return int(_script(client)(keys=[REFUSALS_KEY], args=args))
+    return int(Scripts(client)["refusals_count"](keys=[REFUSALS_KEY], args=args))
 
 
 def count_refusal(reason: str) -> str:
