@@ -23,7 +23,6 @@ import urllib.request
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,7 @@ from policies.deadletter import DeadLetterStore
 from tests import kit
 from tests.conftest import StartWorker
 from tests.kit import ROOT, Worker, child_env, poll
+from tests.otlp import otlp_receiver
 from workers.client import client
 from workers.security import sealed
 from workers.security.keys import dev_keys
@@ -106,30 +106,18 @@ class Spans:
 def spans() -> Iterator[Spans]:
     received = Spans()
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            received.bodies.append(body)
-            request = ExportTraceServiceRequest()
-            request.ParseFromString(body)
-            for resource_spans in request.resource_spans:
-                for scope_spans in resource_spans.scope_spans:
-                    for span in scope_spans.spans:
-                        received.decoded.append((span.name, json.loads(MessageToJson(span))))
-            self.send_response(200)
-            self.send_header("Content-Type", "application/x-protobuf")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
+    def keep(body: bytes) -> None:
+        received.bodies.append(body)
+        request = ExportTraceServiceRequest()
+        request.ParseFromString(body)
+        for resource_spans in request.resource_spans:
+            for scope_spans in resource_spans.scope_spans:
+                for span in scope_spans.spans:
+                    received.decoded.append((span.name, json.loads(MessageToJson(span))))
 
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    received.endpoint = f"http://127.0.0.1:{server.server_port}"
-    yield received
-    server.shutdown()
-    server.server_close()
+    with otlp_receiver(keep) as endpoint:
+        received.endpoint = endpoint
+        yield received
 
 
 @pytest.fixture

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -19,6 +17,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from tests.kit import poll
+from tests.otlp import otlp_receiver as serve_otlp
 from workers.client import client
 from workers.telemetry import tracing
 
@@ -84,28 +83,13 @@ def _decode(body: bytes) -> list[Received]:
 def otlp_receiver() -> Iterator[Receiver]:
     receiver = Receiver(endpoint="")
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            if self.path == "/v1/traces":
-                receiver.bodies.append(body)
-                receiver.spans.extend(_decode(body))
-                self.send_response(200)
-            else:
-                self.send_response(404)
-            self.send_header("Content-Type", "application/x-protobuf")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
+    def keep(body: bytes) -> None:
+        receiver.bodies.append(body)
+        receiver.spans.extend(_decode(body))
 
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    receiver.endpoint = f"http://127.0.0.1:{server.server_port}"
-    yield receiver
-    server.shutdown()
-    server.server_close()
+    with serve_otlp(keep) as endpoint:
+        receiver.endpoint = endpoint
+        yield receiver
 
 
 @pytest.fixture
