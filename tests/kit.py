@@ -205,3 +205,29 @@ def service_state(name: str, level: str = "full", **fields: Any) -> ServiceState
         "recoveries": (),
     }
     return ServiceState(**{**values, **fields})
+
+
+def redis_contents(r: redis.Redis) -> dict[bytes, bytes]:
+    """Every key in Redis and all it holds (strings, lists, hashes, sets, zsets, streams)."""
+    found: dict[bytes, bytes] = {}
+    client: Any = r  # bytes in, bytes out (redis-py types its replies as bytes | str)
+    for key in client.scan_iter(count=1000):
+        kind = client.type(key)
+        parts: list[Any] = []
+        if kind == b"string":
+            parts.append(client.get(key))
+        elif kind == b"list":
+            parts += client.lrange(key, 0, -1)
+        elif kind == b"hash":
+            parts += [k + b"=" + v for k, v in client.hgetall(key).items()]
+        elif kind == b"set":
+            parts += client.smembers(key)
+        elif kind == b"zset":
+            parts += [m for m, _ in client.zrange(key, 0, -1, withscores=True)]
+        elif kind == b"stream":
+            for entry_id, fields in client.xrange(key):
+                parts += [entry_id, *(k + b"=" + v for k, v in fields.items())]
+        else:
+            parts.append(b"<" + kind + b">")
+        found[key] = b"\n".join(bytes(p or b"") for p in parts)
+    return found

@@ -6,12 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.parse
@@ -31,7 +26,8 @@ from policies.signing import SIG_HEADER, Claims
 from policies.trust import key_id
 from tests import kit
 from tests.conftest import StartWorker
-from tests.kit import ROOT, Worker, child_env, poll
+from tests.flower import start_flower
+from tests.kit import Worker, poll
 from workers.app import Bulwark
 from workers.celeryconfig import build_config
 from workers.client import client
@@ -246,12 +242,6 @@ class TestOperator:
 # -- Flower, as `bulwark up` runs it: the operator identity ------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def http(url: str, auth: tuple[str, str], data: dict[str, str] | None = None) -> tuple[int, str]:
     body = urllib.parse.urlencode(data).encode() if data is not None else None
     request = urllib.request.Request(url, data=body)
@@ -271,32 +261,14 @@ def flower(
     redis_url: str, trust_file: Path, operator_key: Path, tmp_path: Path
 ) -> Iterator[tuple[str, tuple[str, str]]]:
     """`python -m workers.ops.flower` signing as the operator: (base URL, credentials)."""
-    port, auth = free_port(), ("ops", uuid.uuid4().hex)
-    env = child_env(redis_url, {
-        **dev_keys(operator_key.parent).env("operator"),
-        "BULWARK_TRUST_FILE": str(trust_file),
-        "FLOWER_BASIC_AUTH": f"{auth[0]}:{auth[1]}",
-        "TMPDIR": str(tmp_path),
-    })  # fmt: skip
-    log = tmp_path / "flower.log"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "workers.ops.flower", "--address=127.0.0.1", f"--port={port}",
-         "--persistent=False"],
-        env=env, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
+    env = {**dev_keys(operator_key.parent).env("operator"), "BULWARK_TRUST_FILE": str(trust_file)}
+    running = start_flower(redis_url, env, tmp_path)
     try:
-        poll(lambda: http(f"{url}/api/workers", auth)[0] == 200, deadline=30,
-             what=f"Flower up ({log})")  # fmt: skip
-        yield url, auth
+        poll(lambda: running.get("/api/workers")[0] == 200, deadline=30,
+             what=f"Flower up ({running.log})")  # fmt: skip
+        yield running.url, running.auth
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        running.stop()
 
 
 def test_flower_signs_as_the_operator(

@@ -20,7 +20,7 @@ from policies.deadletter import DeadLetterStore
 from policies.sealing import KeyRing
 from tests import kit
 from tests.conftest import StartWorker
-from tests.kit import Worker, poll
+from tests.kit import Worker, poll, redis_contents
 from tests.signing import sign_envelope
 from workers.client import client
 from workers.ops.deadletters import replay
@@ -53,24 +53,8 @@ def worker(r: redis.Redis, start_worker: StartWorker, ring_file: Path) -> Iterat
 
 
 def everything_in(r: redis.Redis) -> bytes:
-    """Every value of every key in Redis, as bytes (lists, hashes, sets, zsets, streams)."""
-    found: list[bytes] = []
-    for key in r.scan_iter(count=1000):
-        kind = r.type(key)
-        if kind == b"string":
-            found.append(r.get(key) or b"")
-        elif kind == b"list":
-            found += r.lrange(key, 0, -1)
-        elif kind == b"hash":
-            found += [k + b"=" + v for k, v in r.hgetall(key).items()]
-        elif kind == b"set":
-            found += list(r.smembers(key))
-        elif kind == b"zset":
-            found += [m for m, _ in r.zrange(key, 0, -1, withscores=True)]
-        elif kind == b"stream":
-            found += [json.dumps(fields, default=repr).encode() for _, fields in r.xrange(key)]
-        found.append(key)
-    return b"\n".join(found)
+    """Every key in Redis and all it holds, as one text to search."""
+    return b"\n".join(key + b"\n" + value for key, value in redis_contents(r).items())
 
 
 class TestEncrypted:

@@ -12,14 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -36,13 +29,13 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from policies.deadletter import DeadLetterStore
-from tests import kit
 from tests.conftest import StartWorker
-from tests.kit import ROOT, Worker, child_env, poll
+from tests.flower import Flower, start_flower
+from tests.kit import Worker, poll
+from tests.kit import redis_contents as everything_in
 from tests.otlp import otlp_receiver
 from workers.client import client
 from workers.security import sealed
-from workers.security.keys import dev_keys
 from workers.settings import get_settings
 from workers.telemetry import tracing
 
@@ -174,89 +167,7 @@ def events(r: redis.Redis) -> Iterator[Events]:
 # -- Flower ---------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Flower:
-    url: str
-    auth: tuple[str, str]
-    log: Path
-    process: subprocess.Popen[bytes]
-    #: Every response read, by path: what is checked for canaries.
-    responses: dict[str, str] = field(default_factory=dict)
-
-    def get(self, path: str) -> tuple[int, str]:
-        request = urllib.request.Request(self.url + path)
-        token = base64.b64encode(":".join(self.auth).encode()).decode()
-        request.add_header("Authorization", f"Basic {token}")
-        try:
-            with urllib.request.urlopen(request, timeout=15) as response:
-                status, text = response.status, response.read().decode()
-        except urllib.error.HTTPError as exc:
-            status, text = exc.code, exc.read().decode(errors="replace")
-        except OSError:
-            return 0, ""
-        self.responses[path] = text
-        return status, text
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-
-
-def start_flower(redis_url: str, env: dict[str, str], tmp_path: Path) -> Flower:
-    """`python -m workers.ops.flower` signing as the operator, as `bulwark up` runs it."""
-    port, auth = free_port(), ("ops", uuid.uuid4().hex)
-    operator = dev_keys(Path(kit.SECURITY_ENV["BULWARK_TRUST_FILE"]).parent).env("operator")
-    full = child_env(redis_url, {
-        **operator, **env, "FLOWER_BASIC_AUTH": ":".join(auth), "TMPDIR": str(tmp_path),
-    })  # fmt: skip
-    log = tmp_path / "flower.log"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "workers.ops.flower", "--address=127.0.0.1", f"--port={port}",
-         "--persistent=False"],
-        env=full, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )  # fmt: skip
-    return Flower(f"http://127.0.0.1:{port}", auth, log, process)
-
-
 # -- Redis ----------------------------------------------------------------------------------------
-
-
-def everything_in(r: redis.Redis) -> dict[bytes, bytes]:
-    """Every key in Redis and all it holds (strings, lists, hashes, sets, zsets, streams)."""
-    found: dict[bytes, bytes] = {}
-    client: Any = r  # bytes in, bytes out (redis-py types its replies as bytes | str)
-    for key in client.scan_iter(count=1000):
-        kind = client.type(key)
-        parts: list[Any] = []
-        if kind == b"string":
-            parts.append(client.get(key))
-        elif kind == b"list":
-            parts += client.lrange(key, 0, -1)
-        elif kind == b"hash":
-            parts += [k + b"=" + v for k, v in client.hgetall(key).items()]
-        elif kind == b"set":
-            parts += client.smembers(key)
-        elif kind == b"zset":
-            parts += [m for m, _ in client.zrange(key, 0, -1, withscores=True)]
-        elif kind == b"stream":
-            for entry_id, fields in client.xrange(key):
-                parts += [entry_id, *(k + b"=" + v for k, v in fields.items())]
-        else:
-            parts.append(b"<" + kind + b">")
-        found[key] = b"\n".join(bytes(p or b"") for p in parts)
-    return found
 
 
 # -- the test -------------------------------------------------------------------------------------
