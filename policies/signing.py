@@ -45,6 +45,7 @@ __all__ = [
     "parse_claims",
     "sign",
     "signed_headers",
+    "verify_by",
 ]
 
 SIG_HEADER = "bulwark_sig"
@@ -138,6 +139,34 @@ def parse_claims(value: Any) -> tuple[Claims, bytes] | str:
     return Claims(iss, kid, iat, exp, jti), signature
 
 
+def verify_by(
+    trust: TrustStore,
+    iss: str,
+    kid: str,
+    signature: bytes,
+    data: bytes,
+    *,
+    now: float,
+    who: str = "producer",
+) -> Identity | str:
+    """Whether `iss` signed `data` with its key `kid`: the identity and its key known, the
+    key valid at `now`, the signature good. The identity, or the reason it is refused."""
+    identity = trust.identity(iss)
+    if identity is None:
+        return f"unknown {who} {iss!r}"
+    key = trust.key(iss, kid)
+    if key is None:
+        return f"unknown key {kid!r} for {who} {iss!r}"
+    problem = key.problem(datetime.fromtimestamp(now, UTC))
+    if problem is not None:
+        return problem
+    try:
+        key.public.verify(signature, data)
+    except InvalidSignature:
+        return f"bad signature ({who} {iss!r}, key {kid})"
+    return identity
+
+
 def check_signed(
     trust: TrustStore,
     value: Any,
@@ -154,21 +183,13 @@ def check_signed(
     if isinstance(parsed, str):
         return parsed
     claims, signature = parsed
-    identity = trust.identity(claims.iss)
-    if identity is None:
-        return f"unknown {who} {claims.iss!r}"
-    key = trust.key(claims.iss, claims.kid)
-    if key is None:
-        return f"unknown key {claims.kid!r} for {who} {claims.iss!r}"
-    problem = key.problem(datetime.fromtimestamp(now, UTC))
-    if problem is not None:
-        return problem
     try:
-        key.public.verify(signature, signed(claims))
-    except InvalidSignature:
-        return f"bad signature ({who} {claims.iss!r}, key {claims.kid})"
+        identity = verify_by(trust, claims.iss, claims.kid, signature, signed(claims),
+                             now=now, who=who)  # fmt: skip
     except (TypeError, ValueError, RecursionError) as exc:  # not JSON after kombu decoded it
         return f"cannot verify: {type(exc).__name__}: {exc}"
+    if isinstance(identity, str):
+        return identity
     if claims.iat > now + skew:
         return f"issued {claims.iat - now:.0f} s in the future (clock skew allowed: {skew:g} s)"
     if claims.exp < now:
