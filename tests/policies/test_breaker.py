@@ -23,6 +23,7 @@ from policies.clock import FakeClock
 from policies.errors import CircuitOpen, PolicyConfigError
 from policies.watch import feed_for
 from tests.kit import poll
+from workers.ops.embedded import EmbeddedRedis
 
 Make = Callable[..., CircuitBreaker]
 
@@ -395,8 +396,12 @@ class TestRedisOnly:
             b.acquire()
 
     def test_pipelined_record_sends_no_script_exists_and_survives_noscript(
-        self, r: redis.Redis
+        self, spare_redis: EmbeddedRedis
     ) -> None:
+        # A server of its own: on the session's, another client's EVAL of the same script
+        # (a test's leftover thread or worker) can load it again between the flush and
+        # the pipelined EVALSHA, and the NOSCRIPT path would not be taken (seen once).
+        r = redis.Redis.from_url(spare_redis.url)
         recorder = events.Recorder()
         config = BreakerConfig(trip=consecutive_failures(2))
         b = CircuitBreaker(
