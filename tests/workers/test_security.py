@@ -318,9 +318,13 @@ class TestAuditCompleteness:
                 rec = entry.record
                 if rec is not None and rec.task_id in seen:
                     seen[rec.task_id][rec.action] = seen[rec.task_id].get(rec.action, 0) + 1
-            done = all(Action.MESSAGE_EXECUTED in s for s in seen.values())
+            # The accept is written by the consumer, the execute by a pool child: two
+            # writers, each flushing its own batch. Wait until both reached the stream.
+            done = all(
+                Action.MESSAGE_ACCEPTED in s and Action.MESSAGE_EXECUTED in s for s in seen.values()
+            )
             return seen if done else None
 
-        seen = poll(counted, deadline=30, what="an execute record for every message")
+        seen = poll(counted, deadline=30, what="an accept and an execute record for every message")
         expected = {Action.MESSAGE_ACCEPTED: 1, Action.MESSAGE_EXECUTED: 1}
         assert all(counts == expected for counts in seen.values()), seen
