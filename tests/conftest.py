@@ -15,6 +15,7 @@ import redis
 
 from policies.clock import FakeClock
 from tests import kit
+from tests.events import Events
 from tests.kit import Worker
 from workers import guard, resources, settings
 from workers.ops.embedded import EmbeddedRedis
@@ -146,3 +147,12 @@ def fake_redis() -> Iterator[fakeredis.FakeRedis]:
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
+
+
+@pytest.fixture
+def events(r: redis.Redis) -> Iterator[Events]:
+    """Every Celery event the test's Redis carries from now on, as a monitor receives them."""
+    captured = Events()
+    captured.thread.start()
+    yield captured
+    captured.stop()

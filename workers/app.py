@@ -16,7 +16,7 @@ from workers.celeryconfig import build_config
 from workers.security import audit, results, sealed, signer
 from workers.settings import get_settings
 from workers.task import ResilientTask
-from workers.telemetry import logs, metrics, probes, tracing
+from workers.telemetry import logs, metrics, probes, task_events, tracing
 
 
 class Bulwark(Celery):  # type: ignore[misc]
@@ -59,6 +59,8 @@ app.add_defaults(lambda: build_config(get_settings()))
 results.install(app)  # results are signed and verified (workers.security.results)
 
 # Signal handlers live with what they serve: lifecycle (preflight, listeners,
-# heartbeats), logs, metrics and probes, tracing (each set up after the worker forks).
-for module in (lifecycle, logs, metrics, probes, quiet, tracing, audit, sealed, signer):
+# heartbeats), logs, metrics and probes, task events on demand, tracing (each set up
+# after the worker forks), audit, sealing and signing.
+CONNECTED = (lifecycle, logs, metrics, probes, quiet, task_events, tracing, audit, sealed, signer)
+for module in CONNECTED:
     module.connect()  # signer last: it signs a message's headers as the others left them

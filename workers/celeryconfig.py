@@ -56,9 +56,10 @@ def build_config(settings: Settings) -> dict[str, Any]:
         "worker_concurrency": scaling.worker_concurrency,
         "task_time_limit": scaling.task_time_limit,
         "task_soft_time_limit": max(1.0, scaling.task_time_limit - 5.0),
-        # Flower and monitoring.
-        "worker_send_task_events": True,
-        "task_send_sent_event": True,
+        # Task events cost the worker's main process a publish per task state: on demand
+        # (`workers.telemetry.task_events`), they are sent only while a monitor asks.
+        "worker_send_task_events": settings.observability.task_events == "always",
+        "task_send_sent_event": settings.observability.task_events == "always",
         "task_track_started": True,
         "result_expires": 24 * 3600,
         "result_extended": True,

@@ -415,6 +415,14 @@ class ObservabilitySettings:
         1000,
         "ready messages in one queue above which the backlog check reports degraded",
     )
+    task_events: str = setting(
+        "BULWARK_TASK_EVENTS",
+        _choice("on-demand", "always"),
+        "on-demand",
+        "Celery task events (Flower's live view): on-demand sends them only while a monitor "
+        "asks for them (Flower does every 5 s; off 30 s after the last ask), always sends "
+        "them from the start, task-sent events of producers included",
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

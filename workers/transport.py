@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import redis
@@ -169,9 +171,27 @@ def _unacked_entry(raw: bytes) -> tuple[dict[str, Any], str, str] | str:
 
 
 class GuardedChannel(kombu_redis.Channel):
-    """kombu's Redis channel, parsing every popped item before delivering it."""
+    """kombu's Redis channel, parsing every popped item before delivering it.
+
+    kombu builds a new `redis.Redis` (a dozen dicts of response callbacks) for every
+    command it sends outside the BRPOP loop: each acknowledgement, each unacked-index
+    record, each event published. The channel keeps one on its pool instead; the pool
+    still hands out a connection per command, so it is as safe across threads.
+    """
 
     QoS = GuardedQoS
+    _bulwark_client: tuple[Any, Any] | None = None
+
+    @contextmanager
+    def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
+        if client:
+            yield client
+            return
+        pool = self.pool
+        kept = self._bulwark_client
+        if kept is None or kept[0] is not pool:  # a new pool after a reconnect
+            kept = self._bulwark_client = (pool, self._create_client())
+        yield kept[1]
 
     def basic_consume(self, queue: str, no_ack: bool, callback: Any, consumer_tag: Any,
                       **kwargs: Any) -> Any:  # fmt: skip

@@ -128,7 +128,7 @@ class Chain:
         args_digest: str | None = None,
         sig: str | None = None,
     ) -> AuditRecord:
-        unlinked = AuditRecord(
+        record = AuditRecord.hashed(
             writer=self.writer,
             seq=self.seq + 1,
             prev=self.head,
@@ -140,6 +140,5 @@ class Chain:
             details=details,
             sig=sig,
         )
-        record = replace(unlinked, hash=unlinked.compute_hash())
         self.seq, self.head = record.seq, record.hash
         return record

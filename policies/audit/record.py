@@ -16,7 +16,7 @@ import hashlib
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -148,10 +148,17 @@ class AuditRecord:
 
     def body(self) -> dict[str, Any]:
         """Every field but `hash`: what the hash covers."""
-        data = asdict(self)
+        data = {name: getattr(self, name) for name in _BODY}
         data["details"] = dict(self.details)
-        data.pop("hash")
         return data
+
+    @classmethod
+    def hashed(cls, **body: Any) -> AuditRecord:
+        """A record of these fields (all but `hash`), with its hash: one encoding, one object."""
+        data = {**body, "details": dict(body.get("details") or {})}
+        data.setdefault("sig", None)
+        data.setdefault("v", VERSION)
+        return cls(**data, hash=hashlib.sha256(canonical(data)).hexdigest())
 
     def compute_hash(self) -> str:
         return hashlib.sha256(canonical(self.body())).hexdigest()
@@ -189,6 +196,8 @@ class AuditRecord:
 
 
 _NAMES = frozenset(f.name for f in fields(AuditRecord))
+#: The fields the hash covers, in declaration order (a plain walk: `asdict` deep-copies).
+_BODY = tuple(f.name for f in fields(AuditRecord) if f.name != "hash")
 _TYPES: dict[str, type | tuple[type, ...]] = {
     "writer": str,
     "seq": int,

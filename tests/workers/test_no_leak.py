@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from policies.deadletter import DeadLetterStore
 from tests.conftest import StartWorker
+from tests.events import Events
 from tests.flower import Flower, start_flower
 from tests.kit import Worker, poll
 from tests.kit import redis_contents as everything_in
@@ -126,44 +126,6 @@ def producer_spans() -> Iterator[InMemorySpanExporter]:
     provider.shutdown()
 
 
-# -- Celery events: a receiver in a thread -------------------------------------------------------
-
-
-class Events:
-    """Every event dict the fleet sends, captured by a real `app.events.Receiver`."""
-
-    def __init__(self) -> None:
-        self.app = client()
-        self.received: list[dict[str, Any]] = []
-        self.connection = self.app.connection_for_read()
-        self.receiver = self.app.events.Receiver(
-            self.connection, handlers={"*": self.received.append}
-        )
-        self.thread = threading.Thread(
-            target=self.receiver.capture, kwargs={"limit": None, "wakeup": False}, daemon=True
-        )
-
-    def of(self, kind: str, task_id: str | None = None) -> list[dict[str, Any]]:
-        return [
-            e
-            for e in list(self.received)
-            if e.get("type") == kind and (task_id is None or e.get("uuid") == task_id)
-        ]
-
-    def stop(self) -> None:
-        self.receiver.should_stop = True
-        self.thread.join(15)
-        self.connection.release()
-
-
-@pytest.fixture
-def events(r: redis.Redis) -> Iterator[Events]:
-    captured = Events()
-    captured.thread.start()
-    yield captured
-    captured.stop()
-
-
 # -- Flower ---------------------------------------------------------------------------------------
 
 
@@ -209,6 +171,7 @@ class TestNoLeak:
             "OTEL_EXPORTER_OTLP_ENDPOINT": spans.endpoint,
             "OTEL_SERVICE_NAME": "bulwark-noleak-worker",
             "OTEL_BSP_SCHEDULE_DELAY": "100",
+            "BULWARK_TASK_EVENTS": "always",  # from the first task, not within 5 s of Flower
         })  # fmt: skip
         flower = start_flower(redis_url, secrets, tmp_path)
         try:
