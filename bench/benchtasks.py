@@ -6,6 +6,8 @@ itself, so what differs between the two is what the policies cost.
 
 from __future__ import annotations
 
+import time
+
 from policies import keys
 from workers.app import app
 from workers.registry import registry
@@ -34,4 +36,22 @@ def guarded(i: int) -> None:
     policy_redis().incr(DONE)
 
 
-__all__ = ["app", "guarded", "plain"]
+@app.task(name="bench.sleep", ignore_result=True)
+def sleep(i: int) -> None:
+    time.sleep(0.010)
+    policy_redis().incr(DONE)
+
+
+@app.task(
+    name="bench.guarded_sleep",
+    base=ResilientTask,
+    breaker="bench",
+    bulkhead="bench",
+    ignore_result=True,
+)
+def guarded_sleep(i: int) -> None:
+    time.sleep(0.010)
+    policy_redis().incr(DONE)
+
+
+__all__ = ["app", "guarded", "guarded_sleep", "plain", "sleep"]

@@ -52,7 +52,9 @@ def build_config(settings: Settings) -> dict[str, Any]:
         # A task is acknowledged after it ran; a worker lost mid-task gives it back.
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
-        "worker_prefetch_multiplier": 1,
+        # Each process reserves a few messages ahead, so that it never waits for the next
+        # fetch (acknowledged late, a reserved message comes back if the worker dies).
+        "worker_prefetch_multiplier": scaling.prefetch_multiplier,
         "worker_concurrency": scaling.worker_concurrency,
         "task_time_limit": scaling.task_time_limit,
         "task_soft_time_limit": max(1.0, scaling.task_time_limit - 5.0),

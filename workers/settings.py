@@ -549,6 +549,13 @@ class ScalingSettings:
     worker_concurrency: int = setting(
         "BULWARK_WORKER_CONCURRENCY", _int(1), 2, "prefork processes per worker"
     )
+    prefetch_multiplier: int = setting(
+        "BULWARK_PREFETCH_MULTIPLIER",
+        _int(1),
+        4,
+        "messages each worker process reserves ahead (acks late: a reserved message is never "
+        "lost); 1 for long jobs, so that an idle worker elsewhere takes the next one",
+    )
     task_time_limit: float = setting(
         "BULWARK_TASK_TIME_LIMIT", _seconds(), 300.0, "hard time limit per task, seconds"
     )
