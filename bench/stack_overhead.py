@@ -285,7 +285,7 @@ def main() -> None:
     parser.add_argument("--pools", default="prefork,threads")
     parser.add_argument("--bodies", default="noop,sleep")
     parser.add_argument("--all-layers", action="store_true")
-    parser.add_argument("--only", default="", help="comma-separated stack names to run")
+    parser.add_argument("--only", default="", help="stack names to run, separated by '|'")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="bulwark-bench-stack-"))
     # Security on, as by default: the bench signs as a producer the dev trust store allows
@@ -295,7 +295,7 @@ def main() -> None:
     assert server.process is not None
     os.environ["REDIS_URL"] = server.url  # the client too: never the developer's Redis
     os.environ["BENCH_DONE_KEY"] = DONE  # what bench/bare.py counts in
-    only = {s.strip() for s in args.only.split(",") if s.strip()}
+    only = {s.strip() for s in args.only.split("|") if s.strip()}
     try:
         with otlp_receiver() as otlp:
             for pool in args.pools.split(","):
