@@ -52,8 +52,8 @@ def build_config(settings: Settings) -> dict[str, Any]:
         # A task is acknowledged after it ran; a worker lost mid-task gives it back.
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
-        # Each process reserves a few messages ahead, so that it never waits for the next
-        # fetch (acknowledged late, a reserved message comes back if the worker dies).
+        # One message reserved per process by default: a killed worker's reserved messages
+        # wait for the visibility timeout. Short jobs gain from more (see the README).
         "worker_prefetch_multiplier": scaling.prefetch_multiplier,
         "worker_concurrency": scaling.worker_concurrency,
         "task_time_limit": scaling.task_time_limit,

@@ -552,9 +552,9 @@ class ScalingSettings:
     prefetch_multiplier: int = setting(
         "BULWARK_PREFETCH_MULTIPLIER",
         _int(1),
-        4,
+        1,
         "messages each worker process reserves ahead (acks late: a reserved message is never "
-        "lost); 1 for long jobs, so that an idle worker elsewhere takes the next one",
+        "lost, but waits for the visibility timeout if its worker is killed); 4 for short jobs",
     )
     task_time_limit: float = setting(
         "BULWARK_TASK_TIME_LIMIT", _seconds(), 300.0, "hard time limit per task, seconds"
