@@ -12,10 +12,11 @@ from tests import kit
 from tests.conftest import StartWorker
 from tests.events import Events
 from tests.kit import poll
+from workers.celeryconfig import build_config
 from workers.client import client
 from workers.security import context
 from workers.security.keys import dev_keys
-from workers.settings import get_settings
+from workers.settings import Settings, get_settings
 from workers.telemetry import task_events
 
 
@@ -46,15 +47,11 @@ def test_task_events_start_when_a_monitor_asks(
     assert events.of("task-received", unwatched.id) == []
 
 
-@pytest.mark.integration
-def test_always_sends_task_events_from_the_start(
-    r: redis.Redis, start_worker: StartWorker, events: Events
-) -> None:
-    start_worker(["default"], name="always", env={"BULWARK_TASK_EVENTS": "always"})
-    poll(lambda: events.of("worker-heartbeat"), deadline=30, what="the worker's heartbeat event")
-    done = client().send_task("bulwark.ping", args=["t"])
-    assert done.get(timeout=30)["token"] == "t"
-    poll(lambda: events.of("task-succeeded", done.id), what="task-succeeded without asking")
+@pytest.mark.parametrize(("mode", "on"), [("on-demand", False), ("always", True)])
+def test_the_setting_is_what_celery_starts_with(mode: str, on: bool) -> None:
+    config = build_config(Settings.from_env({"BULWARK_TASK_EVENTS": mode}))
+    assert config["worker_send_task_events"] is on  # `always` is `celery worker -E`
+    assert config["task_send_sent_event"] is on
 
 
 class TestLease:
