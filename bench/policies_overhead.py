@@ -1,6 +1,6 @@
 """What the shared policies cost, against plain Celery in the same run.
 
-    .venv/bin/python bench/policies_overhead.py [--tasks 2000] [--rounds 3]
+    .venv/bin/python bench/policies_overhead.py [--tasks 2000] [--rounds 3] [--watchers 32]
 
 Prints, on a private redis-server and a real prefork worker:
 
@@ -9,8 +9,10 @@ Prints, on a private redis-server and a real prefork worker:
 2. Redis commands per task that the policies add (INFO commandstats);
 3. network round trips per call on the policy client (counted on the
    connection, in-process, on the production code path; target <= 2);
-4. breaker-open propagation latency between two processes (pub/sub
-   invalidation of the local cache; target p99 <= 100 ms).
+4. breaker-open propagation latency to 1 and to `--watchers` (32) other processes
+   (pub/sub invalidation of the local cache; target p99 <= 100 ms);
+5. redis-server CPU and commands per guarded task with 2 worker processes and
+   with 32 (target: flat, within 10 %).
 
 Figures, not asserts: run it on a quiet machine and read them.
 """
@@ -43,7 +45,8 @@ HOST = "bench@local"
 # -- 1 and 2: throughput and commands per task through a real worker --------------------------
 
 
-def start_worker(url: str, log: Path) -> subprocess.Popen[bytes]:
+def start_worker(url: str, log: Path, host: str = HOST, concurrency: int = 2,
+                 queue: str = "alerts") -> subprocess.Popen[bytes]:  # fmt: skip
     env = {
         **os.environ,
         "REDIS_URL": url,
@@ -52,8 +55,8 @@ def start_worker(url: str, log: Path) -> subprocess.Popen[bytes]:
     }
     command = [
         sys.executable, "-m", "celery", "-A", "bench.benchtasks", "worker",
-        "-Q", "alerts", "-n", HOST, "-c", "2", "--without-mingle", "--without-gossip",
-        "--loglevel=WARNING",
+        "-Q", queue, "-n", host, "-c", str(concurrency), "--without-mingle",
+        "--without-gossip", "--loglevel=WARNING",
     ]  # fmt: skip
     return subprocess.Popen(
         command, env=env, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT
@@ -198,7 +201,7 @@ def round_trips(url: str, calls: int = 2000) -> None:
     print(f"   {elapsed / calls * 1e6:.0f} us per call in-process, policies only")
 
 
-# -- 4: breaker-open propagation between two processes ----------------------------------------
+# -- 4: breaker-open propagation to other processes ----------------------------------------------
 
 
 def _watcher(url: str, conn: Any) -> None:
@@ -222,54 +225,107 @@ def _watcher(url: str, conn: Any) -> None:
             except CircuitOpen:
                 time.sleep(0.001)
         conn.send("ready")
+        # A task every millisecond: no round trip while the cache says closed.
         while True:
             try:
-                breaker.acquire()  # no round trip while the cache says closed
+                breaker.acquire()
             except CircuitOpen:
                 conn.send(time.time())
                 break
+            time.sleep(0.001)
 
 
-def propagation(url: str, trials: int = 200) -> None:
+def propagation(url: str, trials: int, watchers: int) -> None:
     from policies.breaker import BreakerConfig, CircuitBreaker, RedisBreakerStore
 
     client = redis.Redis.from_url(url)
     breaker = CircuitBreaker("propagation", BreakerConfig(), RedisBreakerStore(client))
     ctx = mp.get_context("spawn")
-    here, there = ctx.Pipe()
-    watcher = ctx.Process(target=_watcher, args=(url, there), daemon=True)
-    watcher.start()
+    pipes = []
+    for _ in range(watchers):
+        here, there = ctx.Pipe()
+        ctx.Process(target=_watcher, args=(url, there), daemon=True).start()
+        pipes.append(here)
     latencies = []
     for _ in range(trials):
         breaker.reset()
-        here.send("go")
-        assert here.recv() == "ready"
+        for here in pipes:
+            here.send("go")
+        for here in pipes:
+            assert here.recv() == "ready"
         time.sleep(0.002)
         breaker.force_open()
         opened = time.time()
-        seen = here.recv()
-        latencies.append((seen - opened) * 1000)
-    here.send("stop")
-    watcher.join(5)
+        latencies += [(here.recv() - opened) * 1000 for here in pipes]
+    for here in pipes:
+        here.send("stop")
     latencies.sort()
     p50 = latencies[len(latencies) // 2]
-    p99 = latencies[int(len(latencies) * 0.99) - 1]
-    print(f"4. breaker-open propagation to another process, {trials} trials:")
+    p99 = latencies[max(int(len(latencies) * 0.99) - 1, 0)]
+    others = f"{watchers} other process" + ("es" if watchers > 1 else "")
+    print(f"4. breaker-open propagation to {others} (each admitting a call a millisecond "
+          f"from its cache), {trials} trials:")  # fmt: skip
     print(
         f"   p50 {p50:.2f} ms   p99 {p99:.2f} ms   max {latencies[-1]:.2f} ms   (target p99 <= 100)"
     )
+
+
+# -- 5: Redis server CPU per task, 2 worker processes against 32 --------------------------------
+
+
+def redis_cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def scale(url: str, redis_pid: int, n: int, workdir: Path) -> None:
+    """Drain `n` guarded tasks with 2 worker processes, then with 32 (4 workers of 8)."""
+    from workers.client import client as make_client
+
+    app = make_client()
+    client = redis.Redis.from_url(url)
+    print("5. Redis per guarded task, 2 worker processes against 32 (one breaker, one bulkhead):")
+    for workers, concurrency in ((1, 2), (4, 8)):
+        client.delete(DONE)
+        for i in range(n):
+            app.send_task("bench.guarded", args=[i], queue="default")
+        started = [
+            start_worker(url, workdir / f"scale-{w}.log", f"scale{w}@local", concurrency, "default")
+            for w in range(workers)
+        ]
+        try:
+            while int(client.get(DONE) or 0) < 1:
+                time.sleep(0.002)
+            calls0 = sum(commands(client).values())
+            cpu0, done0 = redis_cpu(redis_pid), int(client.get(DONE) or 0)
+            while (done := int(client.get(DONE) or 0)) < n:
+                time.sleep(0.005)
+            calls1, cpu1 = sum(commands(client).values()), redis_cpu(redis_pid)
+        finally:
+            for worker in started:
+                worker.terminate()
+            for worker in started:
+                worker.wait(30)
+        ran = done - done0
+        print(f"   {workers * concurrency:2d} processes: redis-server CPU "
+              f"{(cpu1 - cpu0) / ran * 1e6:6.0f} us/task, {(calls1 - calls0) / ran:5.1f} "
+              "commands/task (a script's commands count inside and outside it)")  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tasks", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--watchers", type=int, default=32, help="processes told of an open")
+    parser.add_argument("--trials", type=int, default=50)
     args = parser.parse_args()
     with EmbeddedRedis() as server:
-        assert server.dir is not None
+        assert server.dir is not None and server.process is not None
         throughput(server.url, args.tasks, args.rounds, server.dir)
         round_trips(server.url)
-        propagation(server.url)
+        propagation(server.url, args.trials, 1)
+        propagation(server.url, args.trials, args.watchers)
+        scale(server.url, server.process.pid, args.tasks, server.dir)
 
 
 if __name__ == "__main__":
