@@ -79,7 +79,10 @@ def canonical(data: Mapping[str, Any]) -> bytes:
 def utc_stamp(moment: datetime | None = None) -> str:
     """`2025-01-31T12:00:00.123456Z`: UTC, microseconds, sortable as text."""
     moment = moment or datetime.now(UTC)
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    if moment.tzinfo is not UTC:
+        moment = moment.astimezone(UTC)
+    # isoformat is C and a tenth of strftime's cost: one is made for every record.
+    return moment.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def clean_text(value: str, limit: int = MAX_TEXT) -> str:
