@@ -1,11 +1,12 @@
 """What zero-trust messages cost: security off, signed + verified, + encrypted.
 
-    .venv/bin/python bench/security_overhead.py [--tasks 3000] [--rounds 2]
+    .venv/bin/python bench/security_overhead.py [--tasks 3000] [--rounds 2] [--prefetch 4]
 
 On a private redis-server, with development keys made for the run, for each mode
 (interleaved, `--rounds` times) it preloads `--tasks` no-op tasks (`bench.plain`,
 one INCR each, no result) through `workers.client`, then starts a real prefork
-worker (-c 2) and times the drain from its first task done to its last. Prints:
+worker (-c 2; `--prefetch` messages reserved per process, 4 as the README advises for short
+jobs) and times the drain from its first task done to its last. Prints:
 
 - enqueue rate of the client (signing, and sealing, happen there) and its ratio;
 - worker throughput and its ratio to security off (targets: signed >= 0.90,
@@ -63,7 +64,8 @@ def set_env(url: str, base: dict[str, str], mode: dict[str, str]) -> None:
     sealed.forget()
 
 
-def one_run(url: str, base: dict[str, str], mode: dict[str, str], n: int, log: Path) -> dict:
+def one_run(url: str, base: dict[str, str], mode: dict[str, str], n: int, log: Path,
+            prefetch: int) -> dict:  # fmt: skip
     from workers.client import client  # lazy: after the mode's environment is set
 
     set_env(url, base, mode)
@@ -79,6 +81,7 @@ def one_run(url: str, base: dict[str, str], mode: dict[str, str], n: int, log: P
         "REDIS_URL": url,
         "PYTHONPATH": str(ROOT),
         "BULWARK_LOG_LEVEL": os.environ.get("BENCH_LOG", "warning"),
+        "BULWARK_PREFETCH_MULTIPLIER": str(prefetch),
     }
     command = [
         sys.executable, "-m", "celery", "-A", "bench.benchtasks", "worker", "-Q", "default",
@@ -111,6 +114,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", type=int, default=3000)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--prefetch", type=int, default=4)
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="bulwark-bench-keys-"))
     base = dev_keys(folder).env("worker")
@@ -119,7 +123,8 @@ def main() -> None:
     try:
         for round_ in range(args.rounds):
             for name, mode in MODES.items():
-                found = one_run(server.url, base, mode, args.tasks, folder / "worker.log")
+                found = one_run(server.url, base, mode, args.tasks, folder / "worker.log",
+                                args.prefetch)  # fmt: skip
                 results[name].append(found)
                 print(f"round {round_ + 1} {name:18} {found['rate']:7.0f} tasks/s  "
                       f"enqueue {found['enqueue']:6.0f}/s", flush=True)  # fmt: skip
@@ -127,7 +132,8 @@ def main() -> None:
         server.stop()
     off = statistics.median(r["rate"] for r in results["security off"])
     off_enqueue = statistics.median(r["enqueue"] for r in results["security off"])
-    print(f"\n{args.tasks} no-op tasks, prefork -c 2, median of {args.rounds} rounds")
+    print(f"\n{args.tasks} no-op tasks, prefork -c 2, prefetch {args.prefetch}, median of "
+          f"{args.rounds} rounds")  # fmt: skip
     print(f"{'mode':20} {'tasks/s':>8} {'ratio':>6} {'enqueue/s':>10} {'ratio':>6}  cmds/task")
     for name, runs in results.items():
         rate = statistics.median(r["rate"] for r in runs)
