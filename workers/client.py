@@ -38,6 +38,8 @@ PRODUCER_KEYS = (
     "task_create_missing_queues",
     "task_routes",
     "broker_transport_options",
+    # A Redis broker's channel keeps one client (kombu's makes one per message sent).
+    "broker_transport",
     "task_send_sent_event",
     "timezone",
     "enable_utc",
@@ -149,6 +151,6 @@ def client(settings: Settings | None = None, *, name: str = "bulwark-client") ->
     config = build_config(settings)
     app = Producer(name)
     results.install(app)
-    app.conf.update({k: config[k] for k in PRODUCER_KEYS})
+    app.conf.update({k: config[k] for k in PRODUCER_KEYS if k in config})
     app.horizon = settings.countdown_horizon
     return app
