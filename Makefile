@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint format bench clean
+.PHONY: run test lint format bench bench-stack bench-security clean
 
 $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "Bulwark needs Python 3.11 or newer on PATH"; exit 1; }
@@ -34,8 +34,15 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# Figures, not tests: each prints ratios against a reference measured in the same run.
 bench: $(STAMP)
 	$(BIN)/python bench/policies_overhead.py
+
+bench-stack: $(STAMP)
+	$(BIN)/python bench/stack_overhead.py --pools prefork --bodies noop
+
+bench-security: $(STAMP)
+	$(BIN)/python bench/security_overhead.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache build *.egg-info
