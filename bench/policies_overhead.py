@@ -34,6 +34,7 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.measure import commands, cpu_seconds  # noqa: E402
 from policies import keys  # noqa: E402
 from workers.ops.embedded import EmbeddedRedis  # noqa: E402
 from workers.security.keys import dev_keys  # noqa: E402
@@ -61,11 +62,6 @@ def start_worker(url: str, log: Path, host: str = HOST, concurrency: int = 2,
     return subprocess.Popen(
         command, env=env, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT
     )
-
-
-def commands(client: redis.Redis) -> dict[str, int]:
-    stats = client.info("commandstats")
-    return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
 
 
 def one_run(app: Any, client: redis.Redis, task: str, n: int) -> tuple[float, dict[str, int]]:
@@ -273,11 +269,6 @@ def propagation(url: str, trials: int, watchers: int) -> None:
 # -- 5: Redis server CPU per task, 2 worker processes against 32 --------------------------------
 
 
-def redis_cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def scale(url: str, redis_pid: int, n: int, workdir: Path) -> None:
     """Drain `n` guarded tasks with 2 worker processes, then with 32 (4 workers of 8)."""
     from workers.client import client as make_client
@@ -297,10 +288,10 @@ def scale(url: str, redis_pid: int, n: int, workdir: Path) -> None:
             while int(client.get(DONE) or 0) < 1:
                 time.sleep(0.002)
             calls0 = sum(commands(client).values())
-            cpu0, done0 = redis_cpu(redis_pid), int(client.get(DONE) or 0)
+            cpu0, done0 = cpu_seconds(redis_pid), int(client.get(DONE) or 0)
             while (done := int(client.get(DONE) or 0)) < n:
                 time.sleep(0.005)
-            calls1, cpu1 = sum(commands(client).values()), redis_cpu(redis_pid)
+            calls1, cpu1 = sum(commands(client).values()), cpu_seconds(redis_pid)
         finally:
             for worker in started:
                 worker.terminate()

@@ -34,6 +34,7 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.measure import commands  # noqa: E402
 from policies import keys  # noqa: E402
 from workers.ops.embedded import EmbeddedRedis  # noqa: E402
 from workers.security import context, sealed  # noqa: E402
@@ -46,11 +47,6 @@ MODES = {
     "signed + verified": {},
     "+ encrypted": {"BULWARK_ENCRYPT": "bench.*"},
 }
-
-
-def commands(client: redis.Redis) -> dict[str, int]:
-    stats = client.info("commandstats")
-    return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
 
 
 def set_env(url: str, base: dict[str, str], mode: dict[str, str]) -> None:

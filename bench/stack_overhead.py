@@ -58,11 +58,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.benchtasks import DONE  # noqa: E402
+from bench.measure import children, commands, cpu_seconds, rss_mib  # noqa: E402
 from workers.ops.embedded import EmbeddedRedis  # noqa: E402
 from workers.security.keys import dev_keys  # noqa: E402
 
-TICK = os.sysconf("SC_CLK_TCK")
-PAGE = os.sysconf("SC_PAGE_SIZE")
 #: Variables a stack may set; each run starts from none of them.
 STACK_VARIABLES = (
     "BULWARK_SECURITY", "BULWARK_ENCRYPT", "BENCH_LAYERS", "OTEL_EXPORTER_OTLP_ENDPOINT",
@@ -112,31 +111,14 @@ STACKS = [
 # -- measuring ------------------------------------------------------------------------------------
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
-
-
-def rss_mib(pid: int) -> float:
-    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE / 2**20
-
-
-def children(pid: int) -> list[int]:
-    try:
-        return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-
-
 def commandstats(client: redis.Redis) -> tuple[int, int]:
     """(calls, usec) of the commands redis-server ran so far, INFO itself left out.
 
     Both count a script's own commands once more inside its EVALSHA; redis-server's CPU
     (from /proc) is the figure that says what the server spent.
     """
-    stats = client.info("commandstats")
-    kept = [v for name, v in stats.items() if name != "cmdstat_info"]
-    return sum(int(v["calls"]) for v in kept), sum(int(v["usec"]) for v in kept)
+    calls, usec = commands(client), commands(client, "usec")
+    return sum(calls.values()) - calls.get("info", 0), sum(usec.values()) - usec.get("info", 0)
 
 
 @dataclass

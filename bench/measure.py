@@ -1,0 +1,35 @@
+"""What the benches read off processes and redis-server: CPU, memory, commands run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import redis
+
+TICK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU a process has used so far (/proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def rss_mib(pid: int) -> float:
+    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE / 2**20
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def commands(client: redis.Redis, field: str = "calls") -> dict[str, int]:
+    """`field` (calls or usec) of every command redis-server ran so far, by name
+    (INFO commandstats: a script's commands count inside and outside its EVALSHA)."""
+    stats = client.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(v[field]) for name, v in stats.items()}
