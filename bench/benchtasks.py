@@ -1,4 +1,5 @@
-"""Tasks for the benchmarks: the same body, plain and through breaker + bulkhead.
+"""Tasks for the benchmarks: the same bodies (a no-op, a 10 ms sleep), plain and through
+breaker + bulkhead.
 
 Run a worker with `celery -A bench.benchtasks worker`; the body only counts
 itself, so what differs between the two is what the policies cost.
@@ -20,38 +21,34 @@ registry.breaker("bench")
 registry.bulkhead("bench", limit=64)
 
 
+#: The options of the guarded tasks: one breaker and one bulkhead, shared by the fleet.
+GUARDED = {"base": ResilientTask, "breaker": "bench", "bulkhead": "bench", "ignore_result": True}
+
+
+def _done() -> None:
+    policy_redis().incr(DONE)
+
+
 @app.task(name="bench.plain", ignore_result=True)
 def plain(i: int) -> None:
-    policy_redis().incr(DONE)
+    _done()
 
 
-@app.task(
-    name="bench.guarded",
-    base=ResilientTask,
-    breaker="bench",
-    bulkhead="bench",
-    ignore_result=True,
-)
+@app.task(name="bench.guarded", **GUARDED)
 def guarded(i: int) -> None:
-    policy_redis().incr(DONE)
+    _done()
 
 
 @app.task(name="bench.sleep", ignore_result=True)
 def sleep(i: int) -> None:
     time.sleep(0.010)
-    policy_redis().incr(DONE)
+    _done()
 
 
-@app.task(
-    name="bench.guarded_sleep",
-    base=ResilientTask,
-    breaker="bench",
-    bulkhead="bench",
-    ignore_result=True,
-)
+@app.task(name="bench.guarded_sleep", **GUARDED)
 def guarded_sleep(i: int) -> None:
     time.sleep(0.010)
-    policy_redis().incr(DONE)
+    _done()
 
 
 __all__ = ["app", "guarded", "guarded_sleep", "plain", "sleep"]
