@@ -12,15 +12,21 @@ from pathlib import Path
 import fakeredis
 import pytest
 import redis
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from policies.clock import FakeClock
 from tests import kit
 from tests.events import Events
 from tests.kit import Worker
 from workers import guard, resources, settings
+from workers.client import client
 from workers.ops.embedded import EmbeddedRedis
 from workers.security import audit, context, sealed
 from workers.security.keys import dev_keys
+from workers.telemetry import tracing
 
 StartWorker = Callable[..., Worker]
 
@@ -156,3 +162,16 @@ def events(r: redis.Redis) -> Iterator[Events]:
     captured.thread.start()
     yield captured
     captured.stop()
+
+
+@pytest.fixture
+def producer_spans() -> Iterator[InMemorySpanExporter]:
+    """This process is a traced producer: the spans it makes are kept in memory, unredacted."""
+    client()  # the producer set-up a real service gets, its provider replaced below
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.instrument(provider)
+    yield exporter
+    tracing.instrument(trace.get_tracer_provider())
+    provider.shutdown()

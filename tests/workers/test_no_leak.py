@@ -21,10 +21,7 @@ from typing import Any
 import pytest
 import redis
 from google.protobuf.json_format import MessageToJson
-from opentelemetry import trace
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from policies.deadletter import DeadLetterStore
@@ -37,7 +34,6 @@ from tests.otlp import otlp_receiver
 from workers.client import client
 from workers.security import sealed
 from workers.settings import get_settings
-from workers.telemetry import tracing
 
 pytestmark = pytest.mark.integration
 
@@ -111,19 +107,6 @@ def spans() -> Iterator[Spans]:
     with otlp_receiver(keep) as endpoint:
         received.endpoint = endpoint
         yield received
-
-
-@pytest.fixture
-def producer_spans() -> Iterator[InMemorySpanExporter]:
-    """This process sends the tasks, traced; its spans are kept in memory, unredacted."""
-    client()
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracing.instrument(provider)
-    yield exporter
-    tracing.instrument(trace.get_tracer_provider())
-    provider.shutdown()
 
 
 # -- Flower ---------------------------------------------------------------------------------------

@@ -12,14 +12,12 @@ from typing import Any
 import pytest
 from opentelemetry import trace
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from tests.kit import poll
 from tests.otlp import otlp_receiver as serve_otlp
 from workers.client import client
-from workers.telemetry import tracing
 
 pytestmark = pytest.mark.integration
 
@@ -90,19 +88,6 @@ def otlp_receiver() -> Iterator[Receiver]:
     with serve_otlp(keep) as endpoint:
         receiver.endpoint = endpoint
         yield receiver
-
-
-@pytest.fixture
-def producer_spans() -> Iterator[InMemorySpanExporter]:
-    """The test process is a traced producer; its spans are kept in memory."""
-    client()  # the producer set-up a real service gets, replaced below by the test's provider
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracing.instrument(provider)
-    yield exporter
-    tracing.instrument(trace.get_tracer_provider())
-    provider.shutdown()
 
 
 def worker_env(receiver: Receiver, **extra: str) -> dict[str, str]:
