@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.measure import commands, cpu_seconds  # noqa: E402
 from policies import keys  # noqa: E402
+from workers.client import client as make_client  # noqa: E402
 from workers.ops.embedded import EmbeddedRedis  # noqa: E402
 from workers.security.keys import dev_keys  # noqa: E402
 
@@ -81,8 +82,6 @@ def one_run(app: Any, client: redis.Redis, task: str, n: int) -> tuple[float, di
 
 
 def throughput(url: str, n: int, rounds: int, workdir: Path) -> None:
-    from workers.client import client as make_client
-
     os.environ["REDIS_URL"] = url
     # Security on, as by default: the bench (and its worker) sign as the operator, who may
     # also send the add_consumer/cancel_consumer commands that start and stop each drain.
@@ -271,8 +270,6 @@ def propagation(url: str, trials: int, watchers: int) -> None:
 
 def scale(url: str, redis_pid: int, n: int, workdir: Path) -> None:
     """Drain `n` guarded tasks with 2 worker processes, then with 32 (4 workers of 8)."""
-    from workers.client import client as make_client
-
     app = make_client()
     client = redis.Redis.from_url(url)
     print("5. Redis per guarded task, 2 worker processes against 32 (one breaker, one bulkhead):")
