@@ -17,9 +17,8 @@ from workers.client import client
 
 pytestmark = pytest.mark.integration
 
-# The OTLP receiver and the traced producer of the tracing tests.
+# The OTLP receiver of the tracing tests (the traced producer is a conftest fixture).
 otlp_receiver = test_tracing.otlp_receiver
-producer_spans = test_tracing.producer_spans
 
 #: Celery's own default line format, which must not appear: `[2024-01-01 00:00:00,000: INFO/...`
 CELERY_PLAIN = re.compile(r"^\[\d{4}-\d\d-\d\d ")
