@@ -3,7 +3,8 @@
     BENCH_LAYERS=acks_late,events,metrics celery -A bench.layered worker -Q default
 
 Layers, in the order `bench/stack_overhead.py` adds them:
-- `acks_late`: acknowledged after the task ran, one message reserved per process;
+- `acks_late`: acknowledged after the task ran, one message reserved per process
+  (`BENCH_PREFETCH` other than 1: that many);
 - `events`: task events (`worker_send_task_events`, producers' `task-sent`);
 - `metrics`: Bulwark's Prometheus signal handlers and its /metrics, /healthz server;
 - `tracing`: OpenTelemetry spans per task (exported where OTEL_* says);
@@ -24,7 +25,8 @@ if LAYERS - KNOWN:
     raise SystemExit(f"BENCH_LAYERS: unknown {sorted(LAYERS - KNOWN)}; known {sorted(KNOWN)}")
 
 if "acks_late" in LAYERS:
-    app.conf.update(task_acks_late=True, worker_prefetch_multiplier=1)
+    prefetch = int(os.environ.get("BENCH_PREFETCH", "1"))
+    app.conf.update(task_acks_late=True, worker_prefetch_multiplier=prefetch)
 if "events" in LAYERS:
     app.conf.update(worker_send_task_events=True, task_send_sent_event=True)
 if "metrics" in LAYERS:

@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -65,23 +66,35 @@ def start_worker(url: str, log: Path, host: str = HOST, concurrency: int = 2,
     )
 
 
-def one_run(app: Any, client: redis.Redis, task: str, n: int) -> tuple[float, dict[str, int]]:
-    """Fill the queue with `n` tasks, let the worker drain it; (tasks/s, commands used)."""
+@dataclass
+class Run:
+    """One drain: its rate, the commands Redis ran (calls and usec), its CPU per task."""
+
+    rate: float
+    calls: dict[str, int]
+    usec: dict[str, int]
+    redis_cpu: float  # redis-server process CPU per task, seconds
+
+
+def one_run(app: Any, client: redis.Redis, task: str, n: int, redis_pid: int) -> Run:
+    """Fill the queue with `n` tasks, let the worker drain it."""
     client.delete(DONE)
     for i in range(n):
         app.send_task(task, args=[i], queue="default")
     client.config_resetstat()
+    cpu = cpu_seconds(redis_pid)
     started = time.perf_counter()
     app.control.add_consumer("default", destination=[HOST], reply=True, timeout=5)
     while int(client.get(DONE) or 0) < n:
         time.sleep(0.002)
     elapsed = time.perf_counter() - started
-    used = commands(client)
+    cpu = cpu_seconds(redis_pid) - cpu
+    calls, usec = commands(client), commands(client, "usec")
     app.control.cancel_consumer("default", destination=[HOST], reply=True, timeout=5)
-    return n / elapsed, used
+    return Run(n / elapsed, calls, usec, cpu / n)
 
 
-def throughput(url: str, n: int, rounds: int, workdir: Path) -> None:
+def throughput(url: str, redis_pid: int, n: int, rounds: int, workdir: Path) -> None:
     os.environ["REDIS_URL"] = url
     # Security on, as by default: the bench (and its worker) sign as the operator, who may
     # also send the add_consumer/cancel_consumer commands that start and stop each drain.
@@ -95,17 +108,17 @@ def throughput(url: str, n: int, rounds: int, workdir: Path) -> None:
             if time.monotonic() > deadline or worker.poll() is not None:
                 raise SystemExit("bench worker did not start; see " + str(workdir / "worker.log"))
             time.sleep(0.05)
-        one_run(app, client, "bench.guarded", 200)  # warm up: scripts loaded, caches filled
-        one_run(app, client, "bench.plain", 200)
-        rates: dict[str, list[float]] = {"bench.plain": [], "bench.guarded": []}
-        used: dict[str, dict[str, int]] = {}
+        one_run(app, client, "bench.guarded", 200, redis_pid)  # warm up: scripts, caches
+        one_run(app, client, "bench.plain", 200, redis_pid)
+        runs: dict[str, list[Run]] = {"bench.plain": [], "bench.guarded": []}
         for _ in range(rounds):
             for task in ("bench.plain", "bench.guarded"):
-                rate, used[task] = one_run(app, client, task, n)
-                rates[task].append(rate)
+                runs[task].append(one_run(app, client, task, n, redis_pid))
     finally:
         worker.terminate()
         worker.wait(20)
+    rates = {task: [run.rate for run in done] for task, done in runs.items()}
+    used = {task: done[-1].calls for task, done in runs.items()}
     plain = statistics.median(rates["bench.plain"])
     guarded = statistics.median(rates["bench.guarded"])
     print(f"1. throughput, {n} no-op tasks x {rounds} rounds, prefork -c 2 (median):")
@@ -122,6 +135,20 @@ def throughput(url: str, n: int, rounds: int, workdir: Path) -> None:
             print(f"   {name:22} plain {p:6.2f}   guarded {g:6.2f}   added {g - p:+6.2f}")
         added_total += g - p
     print(f"   {'all commands':22} added per task {added_total:+.2f}")
+    cpu = {
+        task: statistics.median(run.redis_cpu for run in done) * 1e6 for task, done in runs.items()
+    }
+    scripts = {task: sum(r.usec.get("evalsha", 0) for r in done) / (n * rounds)
+               for task, done in runs.items()}  # fmt: skip
+    added_cpu = cpu["bench.guarded"] - cpu["bench.plain"]
+    print(
+        "   redis-server CPU per task (median)      plain {:5.0f} us   guarded {:5.0f} us   "
+        "added {:+4.0f} us".format(cpu["bench.plain"], cpu["bench.guarded"], added_cpu)
+    )
+    print(
+        "   in the policies' scripts (EVALSHA usec)                          added {:+4.0f} us"
+        "   (target <= 40)".format(scripts["bench.guarded"] - scripts["bench.plain"])
+    )
 
 
 def _runs(values: list[float]) -> str:
@@ -309,7 +336,7 @@ def main() -> None:
     args = parser.parse_args()
     with EmbeddedRedis() as server:
         assert server.dir is not None and server.process is not None
-        throughput(server.url, args.tasks, args.rounds, server.dir)
+        throughput(server.url, server.process.pid, args.tasks, args.rounds, server.dir)
         round_trips(server.url)
         propagation(server.url, args.trials, 1)
         propagation(server.url, args.trials, args.watchers)

@@ -1,10 +1,12 @@
 """What zero-trust messages cost: security off, signed + verified, + encrypted.
 
     .venv/bin/python bench/security_overhead.py [--tasks 3000] [--rounds 2] [--prefetch 4]
+                                                [--body noop|sleep]
 
 On a private redis-server, with development keys made for the run, for each mode
 (interleaved, `--rounds` times) it preloads `--tasks` no-op tasks (`bench.plain`,
-one INCR each, no result) through `workers.client`, then starts a real prefork
+one INCR each, no result; or with `--body sleep` 10 ms jobs, `bench.sleep`) through
+`workers.client`, then starts a real prefork
 worker (-c 2; `--prefetch` messages reserved per process, 4 as the README advises for short
 jobs) and times the drain from its first task done to its last. Prints:
 
@@ -42,6 +44,7 @@ from workers.security.keys import dev_keys  # noqa: E402
 from workers.settings import get_settings  # noqa: E402
 
 DONE = keys.key("bench", "tasks", "done")
+BODIES = {"noop": "bench.plain", "sleep": "bench.sleep"}
 MODES = {
     "security off": {"BULWARK_SECURITY": "off"},
     "signed + verified": {},
@@ -61,7 +64,7 @@ def set_env(url: str, base: dict[str, str], mode: dict[str, str]) -> None:
 
 
 def one_run(url: str, base: dict[str, str], mode: dict[str, str], n: int, log: Path,
-            prefetch: int) -> dict:  # fmt: skip
+            prefetch: int, task: str = "bench.plain") -> dict:  # fmt: skip
     from workers.client import client  # lazy: after the mode's environment is set
 
     set_env(url, base, mode)
@@ -70,7 +73,7 @@ def one_run(url: str, base: dict[str, str], mode: dict[str, str], n: int, log: P
     app = client()
     started = time.perf_counter()
     for i in range(n):
-        app.send_task("bench.plain", args=[i], queue="default")
+        app.send_task(task, args=[i], queue="default")
     enqueue = n / (time.perf_counter() - started)
     env = {
         **os.environ,
@@ -111,7 +114,14 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=3000)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--prefetch", type=int, default=4)
+    parser.add_argument(
+        "--body",
+        choices=sorted(BODIES),
+        default="noop",
+        help="noop (one INCR) or sleep (10 ms, then one INCR: an I/O-bound job)",
+    )
     args = parser.parse_args()
+    task = BODIES[args.body]
     folder = Path(tempfile.mkdtemp(prefix="bulwark-bench-keys-"))
     base = dev_keys(folder).env("worker")
     server = EmbeddedRedis().start()
@@ -120,7 +130,7 @@ def main() -> None:
         for round_ in range(args.rounds):
             for name, mode in MODES.items():
                 found = one_run(server.url, base, mode, args.tasks, folder / "worker.log",
-                                args.prefetch)  # fmt: skip
+                                args.prefetch, task)  # fmt: skip
                 results[name].append(found)
                 print(f"round {round_ + 1} {name:18} {found['rate']:7.0f} tasks/s  "
                       f"enqueue {found['enqueue']:6.0f}/s", flush=True)  # fmt: skip
@@ -128,7 +138,7 @@ def main() -> None:
         server.stop()
     off = statistics.median(r["rate"] for r in results["security off"])
     off_enqueue = statistics.median(r["enqueue"] for r in results["security off"])
-    print(f"\n{args.tasks} no-op tasks, prefork -c 2, prefetch {args.prefetch}, median of "
+    print(f"\n{args.tasks} {args.body} tasks, prefork -c 2, prefetch {args.prefetch}, median of "
           f"{args.rounds} rounds")  # fmt: skip
     print(f"{'mode':20} {'tasks/s':>8} {'ratio':>6} {'enqueue/s':>10} {'ratio':>6}  cmds/task")
     for name, runs in results.items():

@@ -10,6 +10,7 @@ drain from its first task done to its last. The stacks, each adding to the one b
   bare Celery                 bench/bare.py: Celery's defaults (early acks, prefetch 4,
                               no events, no result), importing nothing of Bulwark
   + acks late, prefetch 1     bench/layered.py with BENCH_LAYERS (the same bare app)
+  + acks late, prefetch 4     the same, four messages reserved per process
   + task events
   + metrics                   Bulwark's Prometheus signal handlers and probe server
   + tracing                   OpenTelemetry spans, no exporter
@@ -96,6 +97,7 @@ OTLP = {"OTEL_EXPORTER_OTLP_ENDPOINT": ""}  # the local receiver's address, set 
 STACKS = [
     Stack("bare Celery", "bench.bare"),
     layered("+ acks late, prefetch 1", "acks_late"),
+    layered("+ acks late, prefetch 4", "acks_late", BENCH_PREFETCH="4"),
     layered("+ task events", "acks_late,events"),
     layered("+ metrics", "acks_late,events,metrics"),
     layered("+ tracing", "acks_late,events,metrics,tracing"),

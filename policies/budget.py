@@ -6,6 +6,14 @@ window is `buckets` time buckets (one Redis hash per budget); `record_call()`
 is one small script call (or one command queued on the caller's pipeline),
 `try_spend()` is one script call that counts and spends atomically.
 
+The worker counts its calls with `count_call_in()`: calls are added up in the
+process and booked at most once per `BOOK_EVERY` seconds, on a pipeline the
+caller sends anyway, and always before a spend or a snapshot of this process.
+Other processes' calls so reach the window up to a second late, and a
+process that dies loses at most its last second of calls: the budget is then
+briefly stricter than its ratio, never looser. (Retries are never deferred:
+a spend is booked at once.)
+
 When the budget is exhausted the caller defers the retry or dead-letters the
 task (`spend_or_raise()` raises `RetryBudgetExhausted` with `retry_after`).
 If Redis is unreachable the budget runs on a local, per-process window and
@@ -17,7 +25,7 @@ from __future__ import annotations
 import functools
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -31,6 +39,8 @@ from policies.retry import require, require_int, require_seconds
 from policies.scripts import Queued, ScriptedRedisStore
 
 POLICY = "retry-budget"
+#: Seconds between bookings of the calls a process counted (`count_call_in`).
+BOOK_EVERY = 1.0
 T = TypeVar("T")
 
 
@@ -180,6 +190,19 @@ class RedisBudgetStore(ScriptedRedisStore):
         )
 
 
+@dataclass(frozen=True, slots=True)
+class PendingCount:
+    """Calls booked on a caller's pipeline by `RetryBudget.count_call_in`."""
+
+    budget: RetryBudget
+    queued: Queued
+    count: int
+
+    def settle(self, results: Sequence[Any] | BaseException) -> None:
+        """Read the booking's reply (re-run after NOSCRIPT); an error keeps the calls locally."""
+        self.budget._booked(self.count, self.queued.reply(results))
+
+
 class RetryBudget:
     """One named retry budget (usually one per dependency)."""
 
@@ -190,7 +213,9 @@ class RetryBudget:
         *,
         store: BudgetStore,
         emitter: events.Emitter | None = None,
+        clock: Clock = monotonic,
     ) -> None:
+        """`clock` paces the booking of counted calls (`count_call_in`); tests move it."""
         keys.key(POLICY, name, "window")  # validates the name
         self.name = name
         self.config = config or BudgetConfig()
@@ -205,6 +230,10 @@ class RetryBudget:
             mode="local per-process budget",
             emitter=emitter or events.default_emitter,
         )
+        self._counted = 0  # calls counted here, not booked yet
+        self._book_at = 0.0  # monotonic time the next booking is due
+        self._counted_lock = threading.Lock()
+        self._clock = clock
 
     def _call(self, fn: Callable[[BudgetStore], T]) -> T:
         remote = (lambda: fn(self.store)) if self._shared else None
@@ -225,7 +254,43 @@ class RetryBudget:
             raise TypeError("queue_record_call needs a RedisBudgetStore")
         return self.store.queue_record(pipe, self.name, self.config, count)
 
+    def count_call_in(self, pipe: redis.client.Pipeline) -> PendingCount | None:
+        """Count one call; book the calls counted so far on `pipe` when a booking is due
+        (at most every `BOOK_EVERY` seconds). Returns the queued booking: `settle` it with
+        `pipe.execute(raise_on_error=False)`'s results. None when nothing was queued.
+
+        Without a Redis store, or while Redis is down, the call is recorded at once (in
+        the local window while down).
+        """
+        if not isinstance(self.store, RedisBudgetStore) or self._outage.down:
+            self.record_call()
+            return None
+        now = self._clock()
+        with self._counted_lock:
+            self._counted += 1
+            if now < self._book_at:
+                return None
+            count, self._counted, self._book_at = self._counted, 0, now + BOOK_EVERY
+        return PendingCount(self, self.store.queue_record(pipe, self.name, self.config, count),
+                            count)  # fmt: skip
+
+    def _booked(self, count: int, reply: Any) -> None:
+        """A booking's reply: on an error the calls go to the local window, not lost."""
+        if isinstance(reply, BaseException):
+            self._outage.failed(reply)
+            self._local.record(self.name, self.config, count)
+        else:
+            self._outage.ok()
+
+    def _book_counted(self) -> None:
+        """Book the calls counted and not booked yet (before a spend or a snapshot)."""
+        with self._counted_lock:
+            count, self._counted = self._counted, 0
+        if count:
+            self.record_call(count)
+
     def _spend(self, peek: bool) -> BudgetState:
+        self._book_counted()
         return self._call(lambda s: s.spend(self.name, self.config, peek=peek))
 
     def spend(self) -> BudgetState:

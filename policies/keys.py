@@ -29,6 +29,11 @@ def key(policy: str, name: str, field: str) -> str:
     return f"{tag(policy, name)}:{_check(field, 'field')}"
 
 
+def safe(part: str) -> bool:
+    """Whether `part` may be a name or field of a key as it is."""
+    return bool(part) and bool(_SAFE.match(part))
+
+
 def channel(policy: str, name: str) -> str:
     """The pub/sub channel on which a policy instance announces changes."""
     return key(policy, name, "events")

@@ -10,7 +10,13 @@ loses its connection every callback gets `None` ("you may have missed
 something") and `healthy` stays false until it has re-subscribed.
 
 The thread is started lazily, in the process that first calls `watch()`, so a
-feed is never inherited across fork.
+feed's thread is never inherited across fork. Its locks are kept consistent across
+fork: the prefork pool forks new processes (autoscaling, a replaced process) while
+this thread runs, and a child that inherited a lock the thread held at that instant
+would wait for it forever in its first `watch()` (its task accepted and never run).
+`os.register_at_fork` takes every feed's locks before a fork and gives them back on
+both sides, so no fork happens while the thread holds one or runs a callback (which
+takes the watching cache's lock).
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ class ChangeFeed:
         self._client = client
         self._callbacks: dict[str, list[Callback]] = defaultdict(list)
         self._lock = threading.Lock()
+        #: Held while callbacks run (they take the caches' locks), and across a fork.
+        self._dispatching = threading.Lock()
         self._pubsub: redis.client.PubSub | None = None
         self._thread: threading.Thread | None = None
         self._pid = 0
@@ -45,6 +53,15 @@ class ChangeFeed:
         self._stop = threading.Event()
         self._reconnect_delay = reconnect_delay
         self._pending: set[str] = set()
+        _all_feeds.add(self)
+
+    def _hold_for_fork(self) -> None:
+        self._dispatching.acquire()
+        self._lock.acquire()
+
+    def _release_after_fork(self) -> None:
+        self._lock.release()
+        self._dispatching.release()
 
     @property
     def healthy(self) -> bool:
@@ -81,9 +98,10 @@ class ChangeFeed:
 
     def _reset_all(self) -> None:
         self._healthy.clear()
-        for callbacks in list(self._callbacks.values()):
-            for callback in list(callbacks):
-                _safe(callback, None)
+        with self._dispatching:
+            for callbacks in list(self._callbacks.values()):
+                for callback in list(callbacks):
+                    _safe(callback, None)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -120,8 +138,9 @@ class ChangeFeed:
                 if message["type"] == "subscribe":
                     unconfirmed.discard(channel)
                 elif message["type"] == "message":
-                    for callback in list(self._callbacks.get(channel, ())):
-                        _safe(callback, message["data"])
+                    with self._dispatching:
+                        for callback in list(self._callbacks.get(channel, ())):
+                            _safe(callback, message["data"])
             if unconfirmed and time.monotonic() > deadline:
                 raise redis.ConnectionError("Redis did not confirm the subscription")
             with self._lock:
@@ -142,6 +161,26 @@ def _safe(callback: Callback, payload: bytes | None) -> None:
 
 _feeds: weakref.WeakKeyDictionary[redis.Redis, ChangeFeed] = weakref.WeakKeyDictionary()
 _feeds_lock = threading.Lock()
+#: Every feed of this process, for the fork handlers.
+_all_feeds: weakref.WeakSet[ChangeFeed] = weakref.WeakSet()
+_held: list[ChangeFeed] = []
+
+
+def _before_fork() -> None:
+    _feeds_lock.acquire()
+    _held[:] = list(_all_feeds)
+    for feed in _held:
+        feed._hold_for_fork()
+
+
+def _after_fork() -> None:
+    for feed in reversed(_held):
+        feed._release_after_fork()
+    _held.clear()
+    _feeds_lock.release()
+
+
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork, after_in_child=_after_fork)
 
 
 def feed_for(client: redis.Redis) -> ChangeFeed:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import fakeredis
@@ -21,7 +21,7 @@ from policies.clock import FakeClock
 from tests import kit
 from tests.events import Events
 from tests.kit import Worker
-from workers import guard, resources, settings
+from workers import balancing, guard, resources, settings
 from workers.client import client
 from workers.ops.embedded import EmbeddedRedis
 from workers.security import audit, context, sealed
@@ -111,6 +111,7 @@ def _settings_from_test_env(
     audit.forget()
     sealed.forget()
     guard.forget_guards()
+    balancing.forget()
 
 
 @pytest.fixture
@@ -125,6 +126,8 @@ def start_worker(redis_url: str, tmp_path: Path) -> Iterator[StartWorker]:
         name: str = "w",
         concurrency: int = 2,
         env: dict[str, str] | None = None,
+        args: Sequence[str] = (),
+        app: str = "workers.app",
     ) -> Worker:
         worker = Worker(
             redis_url,
@@ -133,6 +136,8 @@ def start_worker(redis_url: str, tmp_path: Path) -> Iterator[StartWorker]:
             concurrency=concurrency,
             env=env,
             log=tmp_path / f"{name}.log",
+            args=args,
+            app=app,
         )
         started.append(worker)
         return worker.start()

@@ -71,6 +71,50 @@ def child_env(
     return env
 
 
+def start_beat(
+    redis_url: str, folder: Path, name: str = "beat", env: Mapping[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """A real `celery beat` subprocess in a session of its own, logging to `<name>.log`."""
+    command = [
+        sys.executable, "-m", "celery", "-A", "workers.app", "beat", "--loglevel=INFO",
+        f"--schedule={folder / f'{name}-schedule'}",
+    ]  # fmt: skip
+    log = (folder / f"{name}.log").open("ab")
+    return subprocess.Popen(
+        command, env=child_env(redis_url, env), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+
+
+def stop_session(process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    """SIGTERM a subprocess's whole session; SIGKILL it if it has not exited in `timeout` s."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def stacks(pid: int) -> str:
+    """The Python stacks of process `pid` and its children (py-spy), to say where a
+    process that does not stop waits; empty if py-spy cannot tell."""
+    spy = Path(sys.executable).with_name("py-spy")
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    pids = [pid, *map(int, children.read_text().split())] if children.exists() else [pid]
+    dumps = []
+    for each in pids:
+        try:
+            done = subprocess.run([str(spy), "dump", "--pid", str(each)], capture_output=True,
+                                  text=True, timeout=20)  # fmt: skip
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        dumps.append(done.stdout or done.stderr)
+    return "\n".join(dumps)
+
+
 class Worker:
     """A real `celery worker` subprocess; ready once its heartbeat key is in Redis."""
 
@@ -83,18 +127,24 @@ class Worker:
         concurrency: int = 2,
         env: Mapping[str, str] | None = None,
         log: Path,
+        args: Sequence[str] = (),
+        app: str = "workers.app",
     ) -> None:
         self.redis_url = redis_url
         self.hostname = f"{name}@test"
         self.log = log
         self.command = [
-            sys.executable, "-m", "celery", "-A", "workers.app", "worker",
+            sys.executable, "-m", "celery", "-A", app, "worker",
             "-Q", ",".join(queues), "-n", self.hostname, "-c", str(concurrency),
-            "--without-mingle", "--without-gossip", "--loglevel=INFO",
+            "--without-mingle", "--without-gossip", "--loglevel=INFO", *args,
         ]  # fmt: skip
-        self.env = child_env(redis_url, env)
+        # Its own metrics folder: two tests' workers may share a hostname, and a worker
+        # removes its folder when it stops.
+        self.env = child_env(redis_url, {"BULWARK_METRICS_DIR": str(log.parent / "metrics"),
+                                         **(env or {})})  # fmt: skip
         self.process: subprocess.Popen[bytes] | None = None
         self.killed = False
+        self.stacks = ""
 
     def start(self, deadline: float = 30.0) -> Worker:
         out = self.log.open("ab")
@@ -113,6 +163,20 @@ class Worker:
         poll(ready, deadline=deadline, what=f"worker {self.hostname} ready")
         return self
 
+    def pool_size(self) -> int:
+        """Processes of the pool now: the main process's live children, read from /proc
+        (a child that exited and is not reaped yet, a zombie, does not count)."""
+        assert self.process is not None
+        path = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        live = 0
+        for pid in path.read_text().split():
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                continue  # gone meanwhile
+            live += state != "Z"
+        return live
+
     def kill(self) -> None:
         """SIGKILL the whole worker (main process and pool): no warm shutdown."""
         assert self.process is not None
@@ -129,6 +193,7 @@ class Worker:
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
+                self.stacks = stacks(self.process.pid)
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         return self.process.returncode
@@ -146,6 +211,8 @@ class Worker:
         problems = []
         if code != 0:
             problems.append(f"worker {self.hostname} exited with {code}")
+        if self.stacks:
+            problems.append(f"worker {self.hostname} did not stop; its stacks:\n{self.stacks}")
         for line in self.log.read_text(errors="replace").splitlines():
             if line.startswith("Traceback") or "Unrecoverable error" in line:
                 problems.append(f"worker {self.hostname} crashed: {line[:300]}")

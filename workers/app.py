@@ -11,7 +11,8 @@ from typing import Any
 
 from celery import Celery
 
-from workers import lifecycle, quiet
+from policies.errors import PolicyConfigError
+from workers import balancing, lifecycle, quiet
 from workers.celeryconfig import build_config
 from workers.security import audit, results, sealed, signer
 from workers.settings import get_settings
@@ -31,6 +32,8 @@ class Bulwark(Celery):  # type: ignore[misc]
     a worker's pidbox obeys only commands a trusted identity with the right role signed.
     """
 
+    amqp_cls = "workers.celeryconfig:BulwarkAMQP"
+
     #: Celery's own hook for the remote-control class (`Celery(control=...)`).
     control_cls = "workers.security.control:SignedControl"
 
@@ -40,13 +43,26 @@ class Bulwark(Celery):  # type: ignore[misc]
         return super().send_task(name, args, kwargs, **options)
 
     def task(self, *args: Any, **opts: Any) -> Any:
+        balance = opts.pop("balance", None)  # Bulwark's, for any task: not a Task attribute
         base = opts.get("base")
         if isinstance(base, type) and issubclass(base, ResilientTask):
             base.check_options(opts)
             if opts.get("fallback") is not None:
                 # A plain function as a class attribute would be bound to the task.
                 opts["fallback"] = staticmethod(opts["fallback"])
-        return super().task(*args, **opts)
+        if balance is None:
+            return super().task(*args, **opts)
+        name = opts.get("name")
+        if not isinstance(name, str):
+            raise PolicyConfigError("a balanced task needs name=: producers route it by name")
+        make = super().task(**opts)
+
+        def balanced(fun: Any) -> Any:
+            # The key checked against its arguments, and its position noted.
+            balancing.declare(name, balance, fun, bound=bool(opts.get("bind")))
+            return make(fun)
+
+        return balanced(args[0]) if args and callable(args[0]) else balanced
 
     @cached_property
     def Worker(self) -> Any:  # Celery's name

@@ -4,18 +4,45 @@ from __future__ import annotations
 
 from typing import Any
 
+from celery.app.amqp import AMQP, Queues
 from kombu import Exchange, Queue
 
+from workers import balancing
 from workers.settings import ALERTS_QUEUE, DEFAULT_QUEUE, Settings
 
 ALERTS_TASK_PREFIX = "bulwark.alerts."
+#: The one exchange of every Bulwark queue (direct: the routing key is the queue's name).
+EXCHANGE = Exchange("bulwark", type="direct")
+
+
+class BalancedQueues(Queues):  # type: ignore[misc]
+    """Celery's queues, which also know the targets of the balanced tasks declared after
+    the configuration was built (the worker's `include` imports the catalogue later):
+    `-Q shipping.0` is then a known queue; any other unknown name stays refused."""
+
+    def __missing__(self, name: str) -> Any:
+        if any(name in b.targets for b in balancing.declared().values()):
+            return self.add(Queue(name, EXCHANGE, routing_key=name))
+        return super().__missing__(name)
+
+
+class BulwarkAMQP(AMQP):  # type: ignore[misc]
+    """Celery's AMQP part with `BalancedQueues` (the app's `amqp_cls`)."""
+
+    queues_cls = BalancedQueues
 
 
 def route_for(settings: Settings) -> Any:
-    """A Celery router: `<queue>.<job>` goes to its bulkhead queue, alert jobs to `alerts`."""
+    """A Celery router: a balanced task to the queue its `Balance` picks (`workers.balancing`),
+    `<queue>.<job>` to its bulkhead queue, alert jobs to `alerts`."""
     bulkheads = frozenset(settings.scaling.queues)
 
     def route(name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **kw: Any) -> Any:
+        balanced = None
+        if not (options or {}).get("queue"):  # not chosen yet
+            balanced = balancing.router().queue_for(name, args, kwargs)
+        if balanced is not None:  # a Queue, not a name: known even to a config built earlier
+            return {"queue": Queue(balanced, EXCHANGE, routing_key=balanced)}
         if name.startswith(ALERTS_TASK_PREFIX):
             return {"queue": ALERTS_QUEUE}
         head = name.split(".", 1)[0]
@@ -36,8 +63,13 @@ def transport_for(broker_url: str) -> dict[str, str]:
     return {}
 
 
+def queue_names(settings: Settings) -> tuple[str, ...]:
+    targets = sorted({t for b in balancing.declared().values() for t in b.targets})
+    return settings.all_queues + tuple(t for t in targets if t not in settings.all_queues)
+
+
 def build_config(settings: Settings) -> dict[str, Any]:
-    exchange = Exchange("bulwark", type="direct")
+    exchange = EXCHANGE
     scaling = settings.scaling
     return {
         "broker_url": settings.broker,
@@ -56,6 +88,11 @@ def build_config(settings: Settings) -> dict[str, Any]:
         # wait for the visibility timeout. Short jobs gain from more (see the README).
         "worker_prefetch_multiplier": scaling.prefetch_multiplier,
         "worker_concurrency": scaling.worker_concurrency,
+        # `--autoscale=MAX,MIN` sizes the pool from the load and the policies (not Celery's
+        # rule, which grows on what the worker prefetched: the queue, not the load).
+        "worker_autoscaler": "workers.scaling.autoscaler:Autoscaler",
+        # Prefork, less the 30 s stall of a warm shutdown with a job just handed over.
+        "worker_pool": "workers.prefork:TaskPool",
         "task_time_limit": scaling.task_time_limit,
         "task_soft_time_limit": max(1.0, scaling.task_time_limit - 5.0),
         # Task events cost the worker's main process a publish per task state: on demand
@@ -69,7 +106,8 @@ def build_config(settings: Settings) -> dict[str, Any]:
         "task_default_queue": DEFAULT_QUEUE,
         "task_default_exchange": exchange.name,
         "task_default_routing_key": DEFAULT_QUEUE,
-        "task_queues": [Queue(q, exchange, routing_key=q) for q in settings.all_queues],
+        # The queues of the settings, and the targets of every balanced task declared.
+        "task_queues": [Queue(q, exchange, routing_key=q) for q in queue_names(settings)],
         "task_create_missing_queues": False,
         "task_routes": (route_for(settings),),
         # kombu's Redis transport, refusing poison items instead of crashing on them.
@@ -99,6 +137,8 @@ def build_config(settings: Settings) -> dict[str, Any]:
         "worker_hijack_root_logger": False,
         "timezone": "UTC",
         "enable_utc": True,
+        # One leading beat sends; a standby takes over within BULWARK_BEAT_LOCK_TTL.
+        "beat_scheduler": "workers.beat:LeaderScheduler",
         "beat_schedule": {
             # Automatic degradation and stepwise recovery of every declared service.
             "policies-tick": {"task": "bulwark.policies.tick", "schedule": 10.0},

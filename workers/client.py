@@ -95,9 +95,6 @@ class Producer(Celery):  # type: ignore[misc]
         if identity is None:
             return f"identity {context.identity!r} is not in the trust store"
         queue = options.get("queue")
-        if queue is None:
-            route = self.amqp.router.route(dict(options), name, args, kwargs)
-            queue = route.get("queue")
         queue_name = getattr(queue, "name", queue) or ""
         size = len(signer.body_bytes([list(args or ()), dict(kwargs or {}), {}])[1])
         refused = authorize(identity.grant, name, str(queue_name), size)
@@ -127,6 +124,10 @@ class Producer(Celery):  # type: ignore[misc]
                 f"({self.horizon:.0f} s: BULWARK_VISIBILITY_TIMEOUT less "
                 "BULWARK_TASK_TIME_LIMIT); it would run twice. Nothing was sent."
             )
+        if options.get("queue") is None:  # routed once: a balanced task's choice is made once
+            queue = self.amqp.router.route(dict(options), name, args, kwargs).get("queue")
+            if queue is not None:
+                options["queue"] = queue
         context = security()
         if context.enabled:
             problem = self._security_problem(context, name, args, kwargs, options)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -55,6 +56,7 @@ __all__ = [
     "FleetSnapshot",
     "FleetUnreadable",
     "HealthResult",
+    "PoolState",
     "ProcessState",
     "QueueState",
     "RefusalCount",
@@ -118,6 +120,19 @@ class QueueState:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class PoolState:
+    """A worker's pool as its autoscaler last left it (`--autoscale` only)."""
+
+    processes: int
+    desired: int
+    min: int
+    max: int
+    reason: str
+    #: When the decision was made (the worker's clock, unix seconds).
+    at: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class WorkerState:
     """One worker's last heartbeat."""
 
@@ -126,6 +141,12 @@ class WorkerState:
     queues: tuple[str, ...]
     #: The worker's clock when it wrote the heartbeat (unix seconds).
     at: float
+    #: Its pool's last autoscale decision; None if it runs without --autoscale.
+    pool: PoolState | None = None
+    #: (seconds, tasks) its tasks have run since it started; None from an older worker.
+    runtime: tuple[float, int] | None = None
+    #: Its pool processes when it wrote the heartbeat; None from an older worker.
+    processes: int | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -361,11 +382,49 @@ def _workers(hostnames: list[str], beats: Sequence[Any]) -> tuple[WorkerState, .
                     pid=int(data["pid"]),
                     queues=tuple(str(q) for q in data["queues"]),
                     at=float(data["at"]),
+                    pool=_pool(data.get("pool")),
+                    runtime=_runtime(data.get("runtime")),
+                    processes=_pool_size(data.get("processes")),
                 )
             )
         except (ValueError, TypeError, KeyError):
             logger.warning("fleet snapshot: unreadable heartbeat of %s", hostname)
     return tuple(found)
+
+
+def _pool_size(data: Any) -> int | None:
+    """The pool processes a heartbeat reports: a whole number from 1 to 10 000, or None."""
+    return data if isinstance(data, int) and 0 < data <= 10_000 else None
+
+
+def _runtime(data: Any) -> tuple[float, int] | None:
+    """The run-time totals of a heartbeat: two finite, non-negative numbers, or None."""
+    if not isinstance(data, list) or len(data) != 2:
+        return None
+    seconds, tasks = data
+    if not isinstance(seconds, int | float) or not isinstance(tasks, int):
+        return None
+    if not (math.isfinite(seconds) and seconds >= 0 and tasks >= 0):
+        return None
+    return float(seconds), tasks
+
+
+def _pool(data: Any) -> PoolState | None:
+    """The pool part of a heartbeat; None if absent or not readable (logged)."""
+    if data is None:
+        return None
+    try:
+        return PoolState(
+            processes=int(data["processes"]),
+            desired=int(data["desired"]),
+            min=int(data["min"]),
+            max=int(data["max"]),
+            reason=str(data["reason"])[:300],
+            at=float(data["at"]),
+        )
+    except (ValueError, TypeError, KeyError):
+        logger.warning("fleet snapshot: unreadable pool in a heartbeat")
+        return None
 
 
 def _processes(replies: Sequence[Any]) -> tuple[ProcessState, ...]:
@@ -448,6 +507,10 @@ def _eta(message: Any) -> float | None:
         return None
 
 
-def take() -> FleetSnapshot:
-    """A snapshot of this fleet: the settings' Redis servers and queues."""
-    return read_fleet(policy_redis(), broker_redis(), get_settings().all_queues)
+def take(extra: Sequence[str] = ()) -> FleetSnapshot:
+    """A snapshot of this fleet: the settings' Redis servers and queues (and `extra`
+    queues: a balanced task's targets)."""
+    queues = get_settings().all_queues
+    return read_fleet(
+        policy_redis(), broker_redis(), queues + tuple(q for q in extra if q not in queues)
+    )

@@ -3,7 +3,8 @@
 Before the body: the degradation level and the breaker come from local caches
 kept fresh by pub/sub (no round trip while the change feed is healthy); the
 bulkhead lease is one Redis round trip. After the body: the breaker outcome,
-the lease release and the retry budget's call count go out in ONE pipeline.
+the lease release and (once a second) the retry budget's call count go out in
+ONE pipeline.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import logging
 import os
 import random
 import socket
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,7 +37,7 @@ from policies.errors import (
 from policies.once import Claim, ExecuteOnce
 from policies.retry import RetryPolicy
 from workers import listeners
-from workers.resources import policy, policy_redis
+from workers.resources import PerProcess, policy, policy_redis
 from workers.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
@@ -236,7 +236,7 @@ class Guard:
             else None
         )
         release = self.bulkhead.release_in(pipe, lease) if lease is not None else None
-        counted = self.budget.queue_record_call(pipe) if self.budget is not None else None
+        counted = self.budget.count_call_in(pipe) if self.budget is not None else None
         if not len(pipe):
             return
         results: list[Any] | BaseException
@@ -249,7 +249,7 @@ class Guard:
         if release is not None:
             release.finish(results)
         if counted is not None:
-            counted.reply(results)  # re-runs the count if Redis lost its scripts (a restart)
+            counted.settle(results)  # re-run after NOSCRIPT; kept locally if Redis failed
         if once_replies:
             self._settled_once(once_id, results, once_at, once_replies, result is _NO_RESULT)
 
@@ -378,26 +378,17 @@ def build_guard(task: GuardedTask, settings: Settings) -> Guard:
     )
 
 
-_guards: dict[tuple[str, int], Guard] = {}
-_guards_lock = threading.Lock()
+_guards: PerProcess[Guard] = PerProcess()
 
 
 def guard_for(task: GuardedTask) -> Guard:
     """The guard of `task` in this process (built on its first run, after fork)."""
-    key = (task.name, os.getpid())
-    found = _guards.get(key)
-    if found is None:
-        with _guards_lock:
-            found = _guards.get(key)
-            if found is None:
-                found = _guards[key] = build_guard(task, get_settings())
-    return found
+    return _guards.get(task.name, lambda: build_guard(task, get_settings()))
 
 
 def forget_guards() -> None:
     """Drop built guards (tests that change settings)."""
-    with _guards_lock:
-        _guards.clear()
+    _guards.clear()
 
 
 __all__ = [

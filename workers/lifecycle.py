@@ -2,7 +2,8 @@
 
 A worker that cannot reach Redis at start exits within 10 s with a message
 naming the URL (password hidden), instead of retrying forever in silence.
-Once ready, each worker adds its hostname to the workers index and keeps
+Once ready, each worker publishes its app's balanced tasks (`workers.balancing.publish`,
+for producers that route by name), adds its hostname to the workers index and keeps
 `bulwark:{worker:<hostname>}:heartbeat` alive with a TTL, so the fleet
 snapshot (and the tests) can see which workers are up; a worker shutting down
 removes both. Signal handlers are connected by `connect()`.
@@ -17,13 +18,17 @@ import threading
 import time
 from typing import Any
 
+import psutil
+import redis
 from celery import signals
 
-from workers import listeners
+from workers import balancing, listeners
 from workers.fleet import WORKERS_INDEX, heartbeat_key
 from workers.resources import RedisUnavailable, policy_redis, wait_for_redis
+from workers.scaling import autoscaler
 from workers.security.context import security
 from workers.settings import SettingsError, get_settings
+from workers.telemetry.metrics import runtime_totals
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +61,34 @@ def _on_init(**_: Any) -> None:
 
 
 def beat_once(hostname: str, queues: list[str], ttl: float) -> None:
-    """Write one heartbeat and (re)add the hostname to the workers index: one round trip."""
-    value = {"hostname": hostname, "pid": os.getpid(), "queues": queues, "at": time.time()}
+    """Write one heartbeat and (re)add the hostname to the workers index: one round trip.
+    It carries the run-time totals of the worker's tasks (beat's fleet scaler measures
+    the group's completions and run time from them) and, with --autoscale, the pool's
+    last decision."""
+    seconds, tasks = runtime_totals(queues)
+    value: dict[str, Any] = {
+        "hostname": hostname,
+        "pid": os.getpid(),
+        "queues": queues,
+        "at": time.time(),
+        "runtime": [round(seconds, 6), tasks],
+        "processes": _pool_processes(),
+    }
+    pool = autoscaler.report()
+    if pool is not None:
+        value["pool"] = pool
     pipe = policy_redis().pipeline(transaction=False)
     pipe.set(heartbeat_key(hostname), json.dumps(value), px=int(ttl * 1000))
     pipe.sadd(WORKERS_INDEX, hostname)
     pipe.execute()
+
+
+def _pool_processes() -> int:
+    """The worker's pool processes now (its live children; 1 for a pool that does not fork)."""
+    try:
+        return max(1, len(psutil.Process().children()))
+    except psutil.Error:
+        return 1
 
 
 def _beat(hostname: str, queues: list[str]) -> None:
@@ -81,6 +108,11 @@ def _on_worker_process_init(**_: Any) -> None:
 def _on_worker_ready(sender: Any = None, **_: Any) -> None:
     hostname = sender.hostname
     queues = sorted(q.name for q in sender.app.amqp.queues.consume_from.values())
+    try:
+        balancing.publish(policy_redis())
+    except redis.RedisError as exc:
+        logger.warning("could not publish the balanced tasks (%s): producers that route "
+                       "them by name only learn them from a worker that could", exc)  # fmt: skip
     _stop.clear()
     threading.Thread(
         target=_beat, args=(hostname, queues), name="bulwark-heartbeat", daemon=True

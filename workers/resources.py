@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Hashable
+from typing import Any, Generic, TypeVar
 
 import redis
 
@@ -25,6 +26,8 @@ from policies.degradation.store import RedisDegradationStore
 from workers.registry import Declaration, registry
 from workers.settings import get_settings
 
+T = TypeVar("T")
+
 __all__ = [
     "RedisUnavailable",
     "broker_redis",
@@ -35,6 +38,34 @@ __all__ = [
     "redact_url",
     "wait_for_redis",
 ]
+
+
+# -- objects built once per process --------------------------------------------------------------
+
+
+class PerProcess(Generic[T]):
+    """Objects built once per key and process: a pool child builds its own after the fork
+    (a Redis connection, a lock or a thread of the parent's would not serve it)."""
+
+    def __init__(self) -> None:
+        self._built: dict[tuple[Hashable, int], T] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable, build: Callable[[], T]) -> T:
+        """The object of `key` in this process, built by `build()` the first time."""
+        full = (key, os.getpid())
+        found = self._built.get(full)
+        if found is None:
+            with self._lock:
+                found = self._built.get(full)
+                if found is None:
+                    found = self._built[full] = build()
+        return found
+
+    def clear(self) -> None:
+        """Drop every built object (tests that change settings)."""
+        with self._lock:
+            self._built.clear()
 
 
 # -- Redis clients -------------------------------------------------------------------------------
@@ -63,7 +94,7 @@ def deadletters() -> DeadLetterStore:
 
 #: Seconds a process waits for Redis at start before it gives up with a clear error: with
 #: Python's and Celery's own start-up, a bad REDIS_URL is reported within 10 s.
-CONNECT_DEADLINE = 6.0
+CONNECT_DEADLINE = 5.0
 
 
 class RedisUnavailable(RuntimeError):

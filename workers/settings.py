@@ -111,6 +111,31 @@ def _ratio() -> Parser:
     return Parser(parse, "a number from 0 to 1")
 
 
+def _fraction(*, zero: bool, one: bool) -> Parser:
+    """A number between 0 and 1, each end allowed or not."""
+
+    def parse(raw: str) -> float:
+        value = float(raw.strip())
+        low = value >= 0.0 if zero else value > 0.0
+        high = value <= 1.0 if one else value < 1.0
+        if not (low and high):
+            raise ValueError
+        return value
+
+    lo, hi = ("from 0" if zero else "above 0"), ("up to 1" if one else "below 1")
+    return Parser(parse, f"a number {lo}, {hi}")
+
+
+def _percent() -> Parser:
+    def parse(raw: str) -> float:
+        value = float(raw.strip())
+        if not 0.0 < value <= 100.0:
+            raise ValueError
+        return value
+
+    return Parser(parse, "a percentage above 0, up to 100")
+
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -189,6 +214,57 @@ def _globs() -> Parser:
         return globs
 
     return Parser(parse, "a comma-separated list of task-name globs (payments.*, *.charge)")
+
+
+#: Bounds of a group's worker count: `MIN..MAX`, each at most three digits.
+_BOUNDS = re.compile(r"(\d{1,3})\.\.(\d{1,3})")
+_GROUP = re.compile(r"[a-z][a-z0-9_-]{0,63}")
+
+
+@dataclass(frozen=True, slots=True)
+class FleetBounds:
+    """How many workers each Procfile worker group may have: `default` unless named."""
+
+    default: tuple[int, int] = (1, 3)
+    groups: tuple[tuple[str, int, int], ...] = ()
+
+    def of(self) -> dict[str, tuple[int, int]]:
+        return {name: (low, high) for name, low, high in self.groups}
+
+    def __str__(self) -> str:
+        named = [f"{name}={low}..{high}" for name, low, high in self.groups]
+        return ",".join([f"{self.default[0]}..{self.default[1]}", *named])
+
+
+def _fleet_bounds() -> Parser:
+    def bounds(raw: str) -> tuple[int, int]:
+        found = _BOUNDS.fullmatch(raw.strip())
+        if found is None or not 0 <= int(found[1]) <= int(found[2]) or int(found[2]) < 1:
+            raise ValueError
+        return int(found[1]), int(found[2])
+
+    def parse(raw: str) -> FleetBounds:
+        default, groups, seen = (1, 3), [], set()
+        items = [item.strip() for item in raw.split(",") if item.strip()]
+        if not items or len(items) > 64:
+            raise ValueError
+        for item in items:
+            name, eq, value = item.partition("=")
+            if not eq:
+                default = bounds(item)
+                continue
+            name = name.strip()
+            if not _GROUP.fullmatch(name) or name in seen:
+                raise ValueError
+            seen.add(name)
+            groups.append((name, *bounds(value)))
+        return FleetBounds(default, tuple(groups))
+
+    return Parser(
+        parse,
+        "MIN..MAX workers for every group, then GROUP=MIN..MAX for named Procfile entries, "
+        "comma-separated (e.g. 1..3,worker_payments=1..1); 0 <= MIN <= MAX, MAX >= 1",
+    )
 
 
 def _text() -> Parser:
@@ -558,6 +634,82 @@ class ScalingSettings:
     )
     task_time_limit: float = setting(
         "BULWARK_TASK_TIME_LIMIT", _seconds(), 300.0, "hard time limit per task, seconds"
+    )
+    autoscale_interval: float = setting(
+        "BULWARK_AUTOSCALE_INTERVAL",
+        _seconds(0.5, inclusive=True),
+        5.0,
+        "seconds between pool-size decisions of a worker run with --autoscale=MAX,MIN",
+    )
+    autoscale_utilization: float = setting(
+        "BULWARK_AUTOSCALE_UTILIZATION",
+        _fraction(zero=False, one=True),
+        0.75,
+        "share of pool processes meant to be busy at steady load (autoscale)",
+    )
+    autoscale_tolerance: float = setting(
+        "BULWARK_AUTOSCALE_TOLERANCE",
+        _fraction(zero=True, one=False),
+        0.1,
+        "relative change of the load below which the pool size stays (autoscale)",
+    )
+    autoscale_max_step: int = setting(
+        "BULWARK_AUTOSCALE_MAX_STEP", _int(1), 4, "most processes added by one decision"
+    )
+    autoscale_drain_seconds: float = setting(
+        "BULWARK_AUTOSCALE_DRAIN_SECONDS",
+        _seconds(),
+        30.0,
+        "seconds the pool should take to drain a backlog, on top of keeping up (autoscale)",
+    )
+    autoscale_scale_down_window: float = setting(
+        "BULWARK_AUTOSCALE_SCALE_DOWN_WINDOW",
+        _seconds(),
+        60.0,
+        "seconds of decisions a shrink looks back over; it keeps their largest size",
+    )
+    autoscale_max_cpu: float = setting(
+        "BULWARK_AUTOSCALE_MAX_CPU", _percent(), 90.0, "host CPU percent above which no growth"
+    )
+    autoscale_max_memory: float = setting(
+        "BULWARK_AUTOSCALE_MAX_MEMORY",
+        _percent(),
+        90.0,
+        "host memory percent above which no growth",
+    )
+    balance_refresh: float = setting(
+        "BULWARK_BALANCE_REFRESH",
+        _seconds(0.05, inclusive=True),
+        1.0,
+        "seconds between the snapshots of target queues that balanced tasks are routed by "
+        "(backlog, breaker, bulkhead); never a Redis call per message",
+    )
+    fleet_workers: FleetBounds = setting(  # noqa: RUF009 (a field, as every setting)
+        "BULWARK_FLEET_WORKERS",
+        _fleet_bounds(),
+        FleetBounds(),
+        "workers each Procfile worker group may have, for beat's fleet scaler (KEDA, "
+        "`bulwark up`): MIN..MAX for all, GROUP=MIN..MAX for one",
+    )
+    fleet_scale_interval: float = setting(
+        "BULWARK_FLEET_SCALE_INTERVAL",
+        _seconds(1.0, inclusive=True),
+        15.0,
+        "seconds between the leading beat's fleet scaling decisions",
+    )
+    procfile: str = setting(
+        "BULWARK_PROCFILE",
+        _text(),
+        "Procfile",
+        "the Procfile whose worker entries beat's fleet scaler sizes (relative: to the "
+        "working directory)",
+    )
+    beat_lock_ttl: float = setting(
+        "BULWARK_BEAT_LOCK_TTL",
+        _seconds(1.0, inclusive=True),
+        10.0,
+        "seconds the leading beat holds its lock unrenewed: a standby beat takes over "
+        "within this after the leader dies",
     )
     visibility_timeout: float = setting(
         "BULWARK_VISIBILITY_TIMEOUT",

@@ -3,8 +3,9 @@
 Each permit is a lease in Redis (`holder -> expiry`, by the server's clock).
 A holder that dies (SIGKILL, lost host) gives its permit back when its lease
 expires; a live holder keeps it by renewing every `lease_ttl / 3` from a
-background thread (`Lease`). Expired leases are purged inside the acquire
-script, so taking a permit is one Redis round trip, and so is giving it back.
+background thread (`Lease`). Taking a permit is one Redis round trip of three
+commands, and so is giving it back; dead leases count for nothing and are
+purged when the bulkhead is full and at each process's periodic upkeep.
 
     bulkhead = Bulkhead("payments", redis_client, BulkheadConfig(limit=10))
     with bulkhead.acquire(max_wait=5.0):        # or try_acquire(): fail fast
@@ -162,10 +163,14 @@ class Lease:
     is emitted and renewal stops: the permit may already be someone else's.
     """
 
-    def __init__(self, bulkhead: Bulkhead, holder: str, store: BulkheadStore) -> None:
+    def __init__(
+        self, bulkhead: Bulkhead, holder: str, store: BulkheadStore, since: str = ""
+    ) -> None:
         self.bulkhead = bulkhead
         self.holder = holder
         self.store = store
+        #: When the store says the lease started (`Outcome.since`), for its release.
+        self.since = since
         self._done = False  # released (by this process) or lost
         self._lost = False
         self._lock = threading.Lock()
@@ -208,6 +213,12 @@ class Lease:
     def release(self) -> bool:
         """Give the permit back. True only for the call that freed a live permit."""
         return self.bulkhead.release(self)
+
+    def give_back(self, store: BulkheadStore) -> Outcome:
+        """The store call that releases this lease (whoever decided it should)."""
+        return store.release(
+            self.name, self.holder, limit=self.bulkhead.config.limit, since=self.since
+        )
 
     def start_renewing(self) -> None:
         """Have the process's renewer thread renew this lease until it is released."""
@@ -339,7 +350,7 @@ class PendingRelease:
             bulkhead._outage.failed(reply)
             outcome = None
         elif isinstance(reply, BaseException):
-            outcome = bulkhead._call(lease.store, lambda s: s.release(lease.name, lease.holder))
+            outcome = bulkhead._call(lease.store, lease.give_back)
         else:
             bulkhead._outage.ok()
             outcome = RedisBulkheadStore.parse_release(reply)
@@ -455,7 +466,7 @@ class Bulkhead:
             outcome = store.acquire(self.name, holder, limit, ttl)
         if not outcome.ok:
             return max(outcome.retry_after, self.config.min_retry_after)
-        lease = Lease(self, holder, store)
+        lease = Lease(self, holder, store, outcome.since)
         self._changed("acquired", outcome.in_use)
         if renew:
             lease.start_renewing()
@@ -489,8 +500,7 @@ class Bulkhead:
         unreachable the lease is left to expire by its TTL."""
         if not lease._finish():
             return False
-        outcome = self._call(lease.store, lambda s: s.release(self.name, lease.holder))
-        return self._released(outcome)
+        return self._released(self._call(lease.store, lease.give_back))
 
     def release_in(self, pipe: redis.client.Pipeline, lease: Lease) -> PendingRelease:
         """Queue the release of `lease` into `pipe` (a pipeline on the same Redis).
@@ -503,7 +513,10 @@ class Bulkhead:
         if not isinstance(lease.store, RedisBulkheadStore) or lease.released:
             return PendingRelease(lease, None, self.release(lease))
         lease._finish()
-        return PendingRelease(lease, lease.store.queue_release(pipe, self.name, lease.holder))
+        queued = lease.store.queue_release(
+            pipe, self.name, lease.holder, limit=self.config.limit, since=lease.since
+        )
+        return PendingRelease(lease, queued)
 
     def _released(self, outcome: Outcome | None) -> bool:
         if outcome is None:

@@ -1,11 +1,12 @@
 """Where bulkhead leases live: in Redis (shared by the fleet) or in memory.
 
-Both stores keep, per bulkhead, leases `holder -> expiry`, the time each lease
-was taken, the limit last used (for `bulwark status`) and a moving average of
-how long permits are held. Both have the same semantics:
+Both stores keep, per bulkhead, leases `holder -> expiry`, the limit last used
+(for `bulwark status`) and a moving average of how long permits are held. Both
+have the same semantics:
 
 - a lease whose expiry is not after "now" is dead: it counts for nothing, it
-  cannot be renewed or released, and the next acquire purges it;
+  cannot be renewed or released, and it is purged (at once in memory; in
+  Redis when the bulkhead is full and at each process's periodic upkeep);
 - acquire by a holder that already has a live lease only renews it (a retried
   acquire never takes two permits);
 - release is idempotent: `ok` is true only for the call that gave a live
@@ -18,7 +19,9 @@ memory store from the clock it is given (a `FakeClock` in tests).
 from __future__ import annotations
 
 import functools
+import itertools
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -44,6 +47,9 @@ class Outcome:
     ok: bool
     in_use: int
     retry_after: float = 0.0
+    #: When a granted lease started, on the store's clock ("" if the store does not say):
+    #: handed back on release, it times the hold without a lookup.
+    since: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +67,11 @@ class BulkheadStore(Protocol):
 
     def acquire(self, name: str, holder: str, limit: int, ttl: float) -> Outcome: ...
 
-    def release(self, name: str, holder: str) -> Outcome: ...
+    def release(self, name: str, holder: str, *, limit: int = 0, since: str = "") -> Outcome:
+        """Give `holder`'s permit back. `limit` and `since` (the acquire's `Outcome.since`)
+        are hints a store may use: announce only releases from a full bulkhead, time the hold
+        without a lookup."""
+        ...
 
     def renew(self, name: str, holder: str, ttl: float) -> Outcome: ...
 
@@ -137,7 +147,7 @@ class MemoryBulkheadStore:
             wait = estimate_wait(now, list(b.leases.values()), list(b.since.values()), b.avg_hold)
             return Outcome(False, len(b.leases), wait)
 
-    def release(self, name: str, holder: str) -> Outcome:
+    def release(self, name: str, holder: str, *, limit: int = 0, since: str = "") -> Outcome:
         with self._lock:
             now, b = self._clock(), self._get(name)
             released = b.live(holder, now)
@@ -183,24 +193,33 @@ class _Keys:
     """The keys and channel of one bulkhead in Redis."""
 
     leases: str
-    since: str
     meta: str
     channel: str
 
     @property
-    def all(self) -> tuple[str, str, str]:
-        return self.leases, self.since, self.meta
+    def all(self) -> tuple[str, str]:
+        return self.leases, self.meta
 
 
 @functools.cache
 def _keys(name: str) -> _Keys:
     """Built once per bulkhead name (key building validates every part)."""
-    leases, since, meta = (keys.key("bulkhead", name, f) for f in ("leases", "since", "meta"))
-    return _Keys(leases, since, meta, keys.channel("bulkhead", name))
+    leases, meta = (keys.key("bulkhead", name, f) for f in ("leases", "meta"))
+    return _Keys(leases, meta, keys.channel("bulkhead", name))
+
+
+#: One release in this many feeds the average hold time even when the bulkhead was not
+#: full (a release from a full bulkhead always does: that is when the estimate is read).
+HOLD_SAMPLE = 8
 
 
 class RedisBulkheadStore:
-    """Leases in Redis, shared by every process on the same server (one script per call)."""
+    """Leases in Redis, shared by every process on the same server (one script per call).
+
+    The hot path is three commands a call. Storing the limit, purging dead
+    leases and pushing the expiry on happen on a process's first acquire of a
+    bulkhead and then every `ttl / 2` ("upkeep"); a full bulkhead purges at once.
+    """
 
     local = False
 
@@ -208,28 +227,51 @@ class RedisBulkheadStore:
         self.client = client
         self._scripts = Scripts(client)
         self.index = NameIndex(client, "bulkhead")
+        #: (name, limit, ttl) -> monotonic time its next upkeep is due.
+        self._upkeep: dict[tuple[str, int, float], float] = {}
+        self._releases = itertools.count()
+
+    def _upkeep_due(self, name: str, limit: int, ttl: float) -> bool:
+        key, now = (name, limit, ttl), time.monotonic()
+        if self._upkeep.get(key, 0.0) > now:
+            return False
+        self._upkeep[key] = now + ttl / 2
+        return True
 
     def acquire(self, name: str, holder: str, limit: int, ttl: float) -> Outcome:
         self.index.add(name)
-        granted, in_use, wait = self._scripts["bulkhead_acquire"](
-            keys=_keys(name).all, args=[holder, limit, repr(ttl)]
-        )
-        return Outcome(bool(granted), int(in_use), float(wait))
+        upkeep = self._upkeep_due(name, limit, ttl)
+        try:
+            granted, in_use, wait, since = self._scripts["bulkhead_acquire"](
+                keys=_keys(name).all, args=[holder, limit, repr(ttl), "1" if upkeep else "0"]
+            )
+        except BaseException:
+            if upkeep:
+                self._upkeep.pop((name, limit, ttl), None)  # not done: the next call does it
+            raise
+        return Outcome(bool(granted), int(in_use), float(wait), _text(since))
 
-    def release(self, name: str, holder: str) -> Outcome:
-        k = _keys(name)
+    def _release_args(self, name: str, holder: str, limit: int, since: str) -> list[Any]:
+        sample = next(self._releases) % HOLD_SAMPLE == 0
+        return [holder, _keys(name).channel, limit, since, "1" if sample else "0"]
+
+    def release(self, name: str, holder: str, *, limit: int = 0, since: str = "") -> Outcome:
+        args = self._release_args(name, holder, limit, since)
         return self.parse_release(
-            self._scripts["bulkhead_release"](keys=k.all, args=[holder, k.channel])
+            self._scripts["bulkhead_release"](keys=_keys(name).all, args=args)
         )
 
-    def queue_release(self, pipe: redis.client.Pipeline, name: str, holder: str) -> Queued:
+    def queue_release(
+        self, pipe: redis.client.Pipeline, name: str, holder: str, *, limit: int = 0,
+        since: str = "",
+    ) -> Queued:  # fmt: skip
         """Queue the release script on `pipe` as a bare EVALSHA (see `Scripts.queue`).
 
         A server that lost its script cache answers NOSCRIPT for this entry;
         `PendingRelease.finish` then releases directly (once, after a restart).
         """
-        k = _keys(name)
-        return self._scripts.queue(pipe, "bulkhead_release", k.all, [holder, k.channel])
+        args = self._release_args(name, holder, limit, since)
+        return self._scripts.queue(pipe, "bulkhead_release", _keys(name).all, args)
 
     @staticmethod
     def parse_release(raw: Any) -> Outcome:
@@ -237,9 +279,8 @@ class RedisBulkheadStore:
         return Outcome(bool(released), int(in_use))
 
     def renew(self, name: str, holder: str, ttl: float) -> Outcome:
-        k = _keys(name)
         renewed, in_use = self._scripts["bulkhead_renew"](
-            keys=(k.leases, k.since), args=[holder, repr(ttl)]
+            keys=(_keys(name).leases,), args=[holder, repr(ttl)]
         )
         return Outcome(bool(renewed), int(in_use))
 

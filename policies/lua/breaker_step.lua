@@ -1,6 +1,7 @@
 -- Every change of one circuit breaker, in one script call (policies/breaker_store.py).
 -- KEYS[1] state   hash  mode, state, gen, consecutive, opened_until, open_count, trips,
---                       successes, window, k (the last two: config of the last writer, for snapshots)
+--                       successes, last_failure (time of the last failure booked while closed),
+--                       window, k (the last two: config of the last writer, for snapshots)
 -- KEYS[2] window  hash  c:<bucket> calls, f:<bucket> failures; bucket = floor(now / (window / 10))
 -- KEYS[3] trials  zset  half-open trial permit id, scored by its lease expiry (server time)
 -- ARGV[1]  op: acquire | record | release | force_open | reset | disable | metrics_only | snapshot
@@ -29,6 +30,31 @@ if ARGV[3] ~= '' then
 else
   local t = redis.call('TIME')
   now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+end
+
+-- The hot path: the success of an ordinary (not a trial) call while closed, with no
+-- failure in the window (or no failure-rate rule). Such a success trips no rule (with
+-- a failure in the window, reaching min_calls could trip the rate rule), so it only
+-- counts the call and ends a failure streak: three commands, not the full step below,
+-- which it agrees with (see the model tests).
+if op == 'record' and ARGV[15] ~= '1' and ARGV[16] ~= '1' then
+  local m = redis.call('HMGET', S, 'mode', 'state', 'gen', 'consecutive', 'last_failure')
+  local mode, window = m[1] or 'normal', tonumber(ARGV[6])
+  local quiet = tonumber(ARGV[5]) == 0 or not m[5] or now - tonumber(m[5]) > window
+  if quiet and (m[2] or 'closed') == 'closed' and mode ~= 'disabled' then
+    local b = math.floor(now / (window / 10))
+    if redis.call('HINCRBY', W, 'c:' .. b, 1) == 1 then
+      -- A new bucket (once per window / 10): push the expiry on, drop buckets that left
+      -- the window, and keep the config snapshots show.
+      redis.call('PEXPIRE', W, math.ceil(window * 2000))
+      for _, f in ipairs(redis.call('HKEYS', W)) do
+        if tonumber(string.sub(f, 3)) <= b - 10 then redis.call('HDEL', W, f) end
+      end
+      redis.call('HSET', S, 'window', string.format('%.17g', window), 'k', ARGV[11])
+    end
+    if m[4] and m[4] ~= '0' then redis.call('HSET', S, 'consecutive', 0) end
+    return {0, mode, 'closed', tonumber(m[3] or '0'), '0', 0, 0, '', '', ''}
+  end
 end
 
 local h = {}
@@ -175,6 +201,7 @@ if op == 'record' then
     if failed then
       redis.call('HINCRBY', W, 'f:' .. b, 1)
       failures = failures + 1
+      set('last_failure', num(now))  -- successes take the hot path again a window later
       set('consecutive', n('consecutive') + 1)
     elseif n('consecutive') ~= 0 then
       set('consecutive', 0)

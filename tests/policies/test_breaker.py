@@ -411,8 +411,10 @@ class TestRedisOnly:
             emitter=events.Emitter(recorder),
         )
 
-        def record_piped(success: bool) -> list[Any]:
-            permit = b.acquire()
+        def record_piped(success: bool, *, flush_first: bool = False) -> list[Any]:
+            permit = b.acquire()  # may run the script (and load it) if its state is stale
+            if flush_first:
+                r.script_flush()  # as if the server restarted
             with r.pipeline(transaction=False) as pipe:
                 pending = b.record_in(pipe, permit, success=success)
                 replies = pipe.execute(raise_on_error=False)
@@ -426,8 +428,7 @@ class TestRedisOnly:
         assert b.snapshot().state == "open"
         b.reset()
         record_piped(False)
-        r.script_flush()  # as if the server restarted
-        replies = record_piped(False)
+        replies = record_piped(False, flush_first=True)
         assert isinstance(replies[0], redis.exceptions.NoScriptError)
         assert b.snapshot().state == "open"  # booked by the direct re-run, on the shared store
         assert not recorder.of(events.StoreUnavailable)

@@ -11,6 +11,7 @@ import redis
 
 from policies import events
 from policies.budget import (
+    BOOK_EVERY,
     BudgetConfig,
     BudgetStore,
     MemoryBudgetStore,
@@ -150,6 +151,54 @@ class TestRedisBudgetStore:
         r.script_flush()  # as if the server restarted
         assert isinstance(record_piped(20)[0], redis.exceptions.NoScriptError)
         assert b.snapshot().calls == 40  # the NOSCRIPT entry ran again, directly
+
+    def test_counted_calls_are_booked_once_a_second_and_before_a_spend(
+        self, r: redis.Redis, clock: FakeClock
+    ) -> None:
+        store = RedisBudgetStore(r, clock=clock)
+        b = RetryBudget("payments", CONFIG, store=store, emitter=events.Emitter(), clock=clock)
+        other = budget(store)  # another process: sees only what was booked
+
+        def count(times: int) -> int:
+            queued = 0
+            for _ in range(times):
+                with r.pipeline(transaction=False) as pipe:
+                    booking = b.count_call_in(pipe)
+                    results = pipe.execute(raise_on_error=False)
+                if booking is not None:
+                    booking.settle(results)
+                    queued += 1
+            return queued
+
+        assert count(10) == 1  # the first call is booked at once, the next nine wait
+        assert other.snapshot().calls == 1
+        clock.advance(BOOK_EVERY)
+        assert count(5) == 1 and other.snapshot().calls == 1 + 9 + 1
+        assert count(20) == 0
+        assert b.snapshot().calls == 11 + 24  # its own reads book what it counted first
+        assert other.snapshot().calls == 35
+
+    def test_a_failed_booking_keeps_its_calls_locally(
+        self, r: redis.Redis, clock: FakeClock
+    ) -> None:
+        b = RetryBudget("payments", CONFIG, store=RedisBudgetStore(r, clock=clock),
+                        emitter=events.Emitter(), clock=clock)  # fmt: skip
+        gone = redis.Redis(port=1, socket_connect_timeout=0.2, retry=None).pipeline()
+        booking = b.count_call_in(gone)
+        assert booking is not None
+        with pytest.raises(redis.ConnectionError) as failed:
+            gone.execute(raise_on_error=False)
+        booking.settle(failed.value)
+        assert b._outage.down
+        assert b._local.spend("payments", CONFIG, peek=True).calls == 1
+        assert b.count_call_in(r.pipeline()) is None, "while down: straight to the local window"
+        assert b._local.spend("payments", CONFIG, peek=True).calls == 2
+
+    def test_counting_without_redis_records_at_once(self, clock: FakeClock) -> None:
+        b = budget(MemoryBudgetStore(clock))
+        for _ in range(3):
+            assert b.count_call_in(None) is None  # type: ignore[arg-type]
+        assert b.snapshot().calls == 3
 
     def test_queue_needs_redis_store(self, clock: FakeClock) -> None:
         with pytest.raises(TypeError):

@@ -12,7 +12,12 @@ import redis
 
 from policies import events
 from policies.bulkhead import Bulkhead, BulkheadConfig, list_bulkheads
-from policies.bulkhead.store import BulkheadStore, MemoryBulkheadStore, RedisBulkheadStore
+from policies.bulkhead.store import (
+    HOLD_SAMPLE,
+    BulkheadStore,
+    MemoryBulkheadStore,
+    RedisBulkheadStore,
+)
 from policies.clock import FakeClock
 from policies.errors import BulkheadFull, PolicyConfigError
 from policies.watch import feed_for
@@ -264,3 +269,82 @@ class TestBulkheadConfig:
         with pytest.raises(AttributeError):
             config.limit = 3  # type: ignore[misc]
         assert (config.limit, config.lease_ttl) == (10, 30.0)
+
+
+class TestRedisLeases:
+    """The Redis store's lazy upkeep: a short hot path, and dead leases still count for nothing."""
+
+    LEASES = "bulwark:{bulkhead:db}:leases"
+
+    def test_hot_path_is_three_commands_each_way(self, r: redis.Redis) -> None:
+        bulkhead = Bulkhead("db", r, BulkheadConfig(limit=4, lease_ttl=30))
+        bulkhead.try_acquire(renew=False).release()  # the first acquire does the upkeep
+        r.config_resetstat()
+        for _ in range(10):
+            bulkhead.try_acquire(renew=False).release()
+        stats = r.info("commandstats")
+        inner = sum(
+            v["calls"] for k, v in stats.items() if k not in ("cmdstat_evalsha", "cmdstat_eval")
+        )
+        assert stats["cmdstat_evalsha"]["calls"] == 20
+        # TIME + ZCOUNT + ZADD, then TIME + ZSCORE + ZREM + ZCOUNT (and a sampled HGET/HSET)
+        assert inner <= 10 * 7 + 2 * 2 + 1, stats  # + the CONFIG RESETSTAT itself
+
+    def test_upkeep_stores_the_limit_and_sets_an_expiry(self, r: redis.Redis) -> None:
+        lease = Bulkhead("db", r, BulkheadConfig(limit=4, lease_ttl=30)).try_acquire(renew=False)
+        assert r.hget("bulwark:{bulkhead:db}:meta", "limit") == b"4"
+        assert 60_000 < r.pttl(self.LEASES) <= 62_000  # 2 * (ttl + 1 s)
+        lease.release()
+
+    def test_dead_leases_count_for_nothing_and_go_when_full(self, r: redis.Redis) -> None:
+        bulkhead = Bulkhead("db", r, BulkheadConfig(limit=1, lease_ttl=30))
+        r.zadd(self.LEASES, {"crashed": 1.0})  # a lease that expired long ago
+        lease = bulkhead.try_acquire(renew=False)
+        assert bulkhead.snapshot().holders == (lease.holder,)
+        r.zadd(self.LEASES, {"crashed-too": 1.0})
+        with pytest.raises(BulkheadFull):
+            bulkhead.try_acquire(renew=False)
+        assert r.zrange(self.LEASES, 0, -1) == [lease.holder.encode()]  # purged when full
+        assert lease.release() and not lease.release()
+
+    def test_release_from_a_full_bulkhead_is_announced_and_timed(self, r: redis.Redis) -> None:
+        store = RedisBulkheadStore(r)
+        bulkhead = Bulkhead("db", store, BulkheadConfig(limit=2, lease_ttl=30))
+        channel = "bulwark:{bulkhead:db}:events"
+        with r.pubsub() as sub:
+            sub.subscribe(channel)
+            assert sub.get_message(timeout=5.0)["type"] == "subscribe"  # type: ignore[index]
+            for _ in range(HOLD_SAMPLE - 1):  # the next release is not sampled
+                next(store._releases)
+            first, second = bulkhead.try_acquire(renew=False), bulkhead.try_acquire(renew=False)
+            second.release()  # from full: announced, and its hold time is booked
+            assert r.hget("bulwark:{bulkhead:db}:meta", "avg_hold") is not None
+            first.release()  # not from full: silent
+            r.publish(channel, "end")
+            seen = []
+            while not seen or seen[-1] != b"end":
+                message = sub.get_message(timeout=5.0)
+                assert message is not None, seen
+                seen.append(message["data"])
+        assert seen == [b"released", b"end"]
+
+
+class TestLeaseExpiry:
+    """Upkeep pushes the key's expiry on, when refused too, and never shortens it."""
+
+    LEASES = "bulwark:{bulkhead:db}:leases"
+
+    def test_a_refused_upkeep_still_pushes_the_expiry(self, r: redis.Redis) -> None:
+        store = RedisBulkheadStore(r)
+        assert store.acquire("db", "a", 1, 30.0).ok
+        r.pexpire(self.LEASES, 5_000)  # as if the last push was long ago
+        store._upkeep.clear()  # this process's upkeep is due
+        assert not store.acquire("db", "b", 1, 30.0).ok
+        assert r.pttl(self.LEASES) > 60_000
+
+    def test_a_shorter_ttl_never_shortens_it(self, r: redis.Redis) -> None:
+        long, short = RedisBulkheadStore(r), RedisBulkheadStore(r)
+        assert long.acquire("db", "a", 4, 300.0).ok
+        assert short.acquire("db", "b", 4, 1.0).ok
+        assert short.renew("db", "b", 1.0).ok
+        assert r.pttl(self.LEASES) > 600_000

@@ -21,11 +21,13 @@ from policies.degradation.store import RedisDegradationStore
 from policies.index import NameIndex
 from workers.fleet import (
     WORKERS_INDEX,
+    PoolState,
     heartbeat_key,
     priority_queues,
     read_fleet,
 )
 from workers.lifecycle import beat_once
+from workers.ops.status import render_status
 
 pytestmark = pytest.mark.integration
 
@@ -135,6 +137,19 @@ class TestSnapshot:
         r.sadd(WORKERS_INDEX, "odd@h")
         r.set(heartbeat_key("odd@h"), "{not json")
         assert read_fleet(r, r, QUEUES).workers == ()
+
+    def test_a_heartbeat_carries_the_pool_and_status_shows_it(self, r: redis.Redis) -> None:
+        pool = {"processes": 3, "desired": 4, "min": 1, "max": 6, "reason": "busy", "at": 1.0}
+        beat = {"hostname": "auto@h", "pid": 1, "queues": ["payments"], "at": 1.0, "pool": pool}
+        r.sadd(WORKERS_INDEX, "auto@h", "bad@h")
+        r.set(heartbeat_key("auto@h"), json.dumps(beat))
+        r.set(heartbeat_key("bad@h"), json.dumps({**beat, "pool": {"processes": "many"}}))
+        snap = read_fleet(r, r, QUEUES)
+        found = {w.hostname: w.pool for w in snap.workers}
+        assert found["auto@h"] == PoolState(**pool)  # type: ignore[arg-type]
+        assert found["bad@h"] is None  # an unreadable pool part is dropped, not the worker
+        shown = render_status(snap)
+        assert "3 (1-6)" in shown and "-> 4: busy" in shown
 
     def test_unreachable_redis_gives_an_unreadable_snapshot(self, r: redis.Redis) -> None:
         gone = redis.Redis(port=1, socket_connect_timeout=0.5, retry=None)

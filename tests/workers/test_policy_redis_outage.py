@@ -93,7 +93,8 @@ class TestPolicyRedisOutage:
         gateway = dependency("inventory")  # on the broker's Redis, which stays up
         gateway.set_outage(120)
         before = gateway.calls()
-        results = [app.send_task("inventory.reserve", args=[f"s{i}", 1]) for i in range(12)]
+        for i in range(12):
+            app.send_task("inventory.reserve", args=[f"s{i}", 1])
 
         def refusing() -> float:
             return sample(scrape(url), "bulwark_breaker_rejections_total", breaker="inventory")
@@ -103,8 +104,9 @@ class TestPolicyRedisOutage:
         # at most 2 x 5 calls, where 12 tasks x 3 attempts would make 36 without it.
         assert gateway.calls() - before <= 10
         assert "local fail-open" in worker.log.read_text()
-        for result in results:
-            result.revoke()
+        # Its tasks retry against a dependency that stays down: a warm shutdown would wait
+        # for them, and nothing is left to check.
+        worker.kill()
 
     def test_a_dead_letter_waits_for_its_store(
         self, r: redis.Redis, policy_redis: EmbeddedRedis, split: tuple[Worker, Celery]

@@ -16,7 +16,7 @@ from workers.client import client
 
 pytestmark = pytest.mark.integration
 
-VISIBILITY = 8.0
+VISIBILITY = 6.0
 SHORT = {
     "BULWARK_VISIBILITY_TIMEOUT": str(VISIBILITY),
     "BULWARK_TASK_TIME_LIMIT": "4",

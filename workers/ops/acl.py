@@ -9,7 +9,8 @@
   kombu priority sub-queues (`<queue>\\x06\\x16<n>`), the kombu binding sets, PUBLISH of
   Celery events (`/<db>.celeryev/*`), SUBSCRIBE to and GET/MGET of results
   (`celery-task-meta-*`, read-only on Redis 7). No key under `bulwark:*` but the
-  published trust store, read-only (Redis 7), so it cannot touch a policy's state.
+  published trust store (Redis 7, read-only) and the balanced tasks' declarations
+  (HGETALL; read-only on Redis 7), so it cannot touch a policy's state.
 - `worker`: the workers, beat and Flower: every key and channel, every command but the
   `@dangerous` ones (ACL, CONFIG, DEBUG, SHUTDOWN, FLUSHALL, KEYS, INFO, MONITOR, ...),
   with the CLIENT subcommands that name a connection given back.
@@ -36,6 +37,7 @@ from typing import Any
 
 from policies import keys
 from policies.trust import PUBLISHED
+from workers.balancing import DECLARED_KEY
 from workers.secrets import SecretFileError, read_secret_file
 from workers.settings import get_settings
 
@@ -63,7 +65,7 @@ PRODUCER_COMMANDS = (
     "ping", "select", "auth", "hello", "multi", "exec", "discard",
     "lpush", "llen", "exists", "sadd", "smembers",
     "publish", "subscribe", "unsubscribe",
-    "get", "mget",
+    "get", "mget", "hgetall",
 )  # fmt: skip
 
 #: The CLIENT subcommands a client library sends at connect (redis-py: SETINFO, and
@@ -143,6 +145,10 @@ def users(
         # The trust store `bulwark keys publish` signs: a producer with
         # BULWARK_TRUST_ROOT_KEY_FILE reads its own grant there.
         *([read + _glob(PUBLISHED)] if v7 else []),
+        # What the workers declare balanced (`workers.balancing.publish`), to route by name.
+        # Before 7.0 no key is read-only: the producer's commands (no HSET, no DEL) may
+        # spoil that hash (LPUSH to it before it exists), never forge a declaration.
+        read + _glob(DECLARED_KEY),
         # Before 6.2 every user may use every channel.
         *(["resetchannels", f"&/{db}.celeryev/*", "&celery-task-meta-*"] if all_channels else []),
         "-@all",

@@ -16,9 +16,11 @@ and nothing needs an ini file or a daemon of its own.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import multiprocessing
+import os
 import queue
 import signal
 import socket
@@ -31,6 +33,8 @@ from honcho.manager import KILL_WAIT, SIGNALS, Manager
 
 from policies.restart import RestartPolicy
 from workers.fleet import SUPERVISORS_INDEX, processes_key
+from workers.ops.scaling import STALE_AFTER, extra_command, extra_name, plan_changes
+from workers.scaling.fleet import read_decisions
 
 __all__ = ["SupervisedManager"]
 
@@ -47,6 +51,7 @@ class SupervisedManager(Manager):  # type: ignore[misc]
         redis_url: str | None = None,
         host: str | None = None,
         clock: Callable[[], float] = time.monotonic,
+        scale_every: float = 15.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -59,6 +64,13 @@ class SupervisedManager(Manager):  # type: ignore[misc]
         self._started: dict[str, float] = {}
         self._stop_signal: int | None = None
         self._crash_count: dict[str, int] = {}
+        # Fleet scaling (workers.ops.scaling): each group's first worker's command, env
+        # and folder; the indexes of its running extras; the extras being retired.
+        self._groups: dict[str, tuple[str, dict[str, str] | None, str | None]] = {}
+        self._extras: dict[str, set[int]] = {}
+        self._retiring: set[str] = set()
+        self.scale_every = scale_every
+        self._scale_at = 0.0
         self._redis = (
             redis.Redis.from_url(redis_url, socket_connect_timeout=1.0, socket_timeout=1.0)
             if redis_url
@@ -99,6 +111,11 @@ class SupervisedManager(Manager):  # type: ignore[misc]
                     del self._due[name]
                     self._restart(name)
             self._settle_loops()
+            if self._groups and self._now() >= self._scale_at:
+                # beat decides every scale_every s; a read (one HGETALL) every 2 s at most
+                # acts on a decision within 2 s of it
+                self._scale_at = self._now() + min(2.0, self.scale_every)
+                self._scale()
         if self.returncode is None:
             self.returncode = 0
 
@@ -109,18 +126,25 @@ class SupervisedManager(Manager):  # type: ignore[misc]
             p = self._processes[msg.name]
             p["pid"] = msg.data["pid"]
             self._system_print("{} started (pid={})\n".format(msg.name, msg.data["pid"]))
-            if self._terminating:  # restarted just as the fleet began to stop
-                self._procmgr.terminate(p["pid"])
+            if self._terminating or msg.name in self._retiring:  # asked to stop meanwhile
+                self._stop_main(p["pid"])
         elif msg.type == "stop":
             code = msg.data["returncode"]
             self._processes[msg.name]["returncode"] = code
             self._system_print(f"{msg.name} stopped (rc={code})\n")
-            if not self._terminating:
+            if msg.name in self._retiring:
+                self._retiring.discard(msg.name)
+                del self._processes[msg.name]
+                self._system_print(f"{msg.name} retired (the fleet scaler wanted fewer)\n")
+            elif not self._terminating:
                 self._crashed(msg.name, code)
 
     def _killall(self, force: bool = False) -> None:
         """honcho's, except that a process still starting (no pid yet) is skipped: it is
-        sent SIGTERM the moment it reports its pid."""
+        sent SIGTERM the moment it reports its pid; and that SIGTERM goes to the main
+        process only (commands are exec'd, so that is the program itself): a Celery
+        worker's warm shutdown stops its pool, whose processes must not get SIGTERM
+        themselves (they would drop the tasks they run). SIGKILL goes to the group."""
         for name, p in self._processes.items():
             if "returncode" in p or "pid" not in p:
                 continue
@@ -129,7 +153,65 @@ class SupervisedManager(Manager):  # type: ignore[misc]
             if force:
                 self._procmgr.kill(p["pid"])
             else:
-                self._procmgr.terminate(p["pid"])
+                self._stop_main(p["pid"])
+
+    @staticmethod
+    def _stop_main(pid: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+
+    # -- fleet scaling ---------------------------------------------------------------------------
+
+    def add_group(
+        self, name: str, command: str, env: dict[str, str] | None = None, cwd: str | None = None
+    ) -> None:
+        """Scale Procfile worker entry `name` (added with `add_process` too) on beat's
+        decisions: extra copies start and retire as its desired worker count changes."""
+        self._groups[name] = (command, env, cwd)
+        self._extras[name] = set()
+
+    def _scale(self) -> None:
+        if self._redis is None:
+            return
+        try:
+            decisions = read_decisions(self._redis)
+        except redis.RedisError as exc:
+            self._system_print(f"fleet scaling: Redis unreachable ({exc}); nothing changed\n")
+            return
+        retiring: dict[str, set[int]] = {}
+        for name in self._retiring:
+            group, _, index = name.rpartition(".")
+            retiring.setdefault(group, set()).add(int(index))
+        changes = plan_changes(decisions, self._extras, now=time.time(),
+                               stale_after=STALE_AFTER * self.scale_every,
+                               retiring=retiring)  # fmt: skip
+        for change in changes:
+            name = extra_name(change.group, change.index)
+            decision = decisions[change.group]
+            why = f"beat wants {decision.desired}: {decision.reason}"
+            if change.action == "start":
+                command, env, cwd = self._groups[change.group]
+                try:
+                    extra = extra_command(command, change.index)
+                except ValueError as exc:
+                    self._system_print(f"fleet scaling: {change.group} cannot scale: {exc}\n")
+                    continue
+                self._system_print(f"scaling: starting {name} ({why})\n")
+                if name not in self._processes:
+                    self.add_process(name, extra, env=env, cwd=cwd)
+                self._extras[change.group].add(change.index)
+                self._restart(name)
+            else:
+                self._system_print(f"scaling: retiring {name} with a warm shutdown ({why})\n")
+                self._extras[change.group].discard(change.index)
+                self._due.pop(name, None)
+                self._retiring.add(name)
+                p = self._processes.get(name, {})
+                if "pid" in p and "returncode" not in p:
+                    self._stop_main(p["pid"])
+                elif "returncode" in p:  # it had crashed and waits for its restart
+                    self._retiring.discard(name)
+                    del self._processes[name]
 
     # -- restarts ------------------------------------------------------------------------------
 

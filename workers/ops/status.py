@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from policies.routing import Balance
 from workers import fleet
+from workers.balancing import published
+from workers.caching import hit_ratios
 from workers.fleet import FleetSnapshot, HealthResult
 from workers.resources import policy_redis
 from workers.telemetry.health import HealthContext, in_check_order, run_checks, store_results, worst
@@ -29,8 +32,14 @@ def _table(
     out.append("")
 
 
-def render_status(snap: FleetSnapshot, now: float | None = None) -> str:
-    """The snapshot as aligned text tables."""
+def render_status(
+    snap: FleetSnapshot,
+    now: float | None = None,
+    caches: dict[str, float] | None = None,
+    balances: Mapping[str, Balance] | None = None,
+) -> str:
+    """The snapshot as aligned text tables (and the caches' hit ratios and the balanced
+    tasks' shards, if given)."""
     if not snap.up:
         return f"FLEET UNREADABLE: {snap.error}"
     now = snap.taken_at if now is None else now
@@ -82,9 +91,25 @@ def render_status(snap: FleetSnapshot, now: float | None = None) -> str:
     _table(
         out,
         "WORKERS",
-        ("hostname", "queues", "heartbeat_age"),
-        [(w.hostname, ",".join(w.queues), f"{max(0.0, now - w.at):.0f}s") for w in snap.workers],
+        ("hostname", "queues", "heartbeat_age", "pool", "autoscale"),
+        [
+            (
+                w.hostname,
+                ",".join(w.queues),
+                f"{max(0.0, now - w.at):.0f}s",
+                f"{w.pool.processes} ({w.pool.min}-{w.pool.max})" if w.pool else "-",
+                f"-> {w.pool.desired}: {w.pool.reason}" if w.pool else "-",
+            )
+            for w in snap.workers
+        ],
     )
+    if balances is not None:
+        _table(out, "BALANCING", ("task", "strategy", "backlog per target"),
+               [(name, b.strategy, " ".join(f"{t}={snap.queue(t).backlog}" for t in b.targets))
+                for name, b in sorted(balances.items())])  # fmt: skip
+    if caches is not None:
+        _table(out, "CACHES", ("cache", "hit_ratio"),
+               [(name, f"{ratio:.0%}") for name, ratio in sorted(caches.items())])  # fmt: skip
     out.append(f"DEAD LETTERS  {snap.deadletters_kept} kept ({snap.deadletters_total} ever)")
     return "\n".join(out)
 
@@ -101,13 +126,24 @@ def render_health(results: Sequence[HealthResult], last_run: float | None, now: 
     return "\n".join(lines)
 
 
-def _snapshot() -> FleetSnapshot:
-    return fleet.take().require()
+def _snapshot(extra: Sequence[str] = ()) -> FleetSnapshot:
+    return fleet.take(extra).require()
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    snap = _snapshot()
-    print(json.dumps(snap.as_dict(), indent=2, default=str) if args.json else render_status(snap))
+    balances, problems = published(policy_redis())  # what the workers declared balanced
+    snap = _snapshot([t for b in balances.values() for t in b.targets])
+    caches = hit_ratios(policy_redis())
+    if args.json:
+        balancing = {name: {"strategy": b.strategy,
+                            "backlog": {t: snap.queue(t).backlog for t in b.targets}}
+                     for name, b in balances.items()}  # fmt: skip
+        print(json.dumps({**snap.as_dict(), "caches": caches, "balancing": balancing,
+                          "problems": problems}, indent=2, default=str))  # fmt: skip
+    else:
+        print(render_status(snap, caches=caches, balances=balances))
+        for problem in problems:
+            print(f"! {problem}")
     return 0
 
 

@@ -23,12 +23,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from honcho.environ import parse_procfile
-
 from workers.ops.acl import Acl, supported
 from workers.ops.embedded import EmbeddedRedis, find_redis_server, redis_version
 from workers.ops.manager import SupervisedManager
+from workers.procfile import ProcfileError, read_procfile
 from workers.resources import redact_url, wait_for_redis
+from workers.scaling.groups import parse_worker_command
 from workers.security.keys import dev_keys
 from workers.settings import Settings
 
@@ -107,28 +107,6 @@ def with_redis_users(fleet: Fleet, redis: EmbeddedRedis, files: Mapping[str, Pat
     return replace(fleet, redis_users=users)
 
 
-class ProcfileError(RuntimeError):
-    """The Procfile is missing, unreadable, or does not name the process asked for."""
-
-
-def read_procfile(path: Path) -> dict[str, str]:
-    try:
-        text = path.read_text("utf-8")
-    except FileNotFoundError:
-        raise ProcfileError(
-            f"no Procfile at {path}: run bulwark from the repository, or pass --procfile PATH"
-        ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ProcfileError(f"cannot read the Procfile at {path}: {exc}") from None
-    try:
-        processes = dict(parse_procfile(text).processes)
-    except Exception as exc:  # honcho's parser raises plain errors on bad lines
-        raise ProcfileError(f"the Procfile at {path} does not parse: {exc}") from None
-    if not processes:
-        raise ProcfileError(f"the Procfile at {path} names no process")
-    return processes
-
-
 def select(
     processes: Mapping[str, str], only: Iterable[str], without: Iterable[str]
 ) -> dict[str, str]:
@@ -139,6 +117,33 @@ def select(
             f"unknown process {', '.join(unknown)}; the Procfile has " + ", ".join(processes)
         )
     return {n: c for n, c in processes.items() if (not only or n in only) and n not in without}
+
+
+def _worker_queues(processes: Mapping[str, str]) -> dict[str, tuple[str, ...]]:
+    """The queues (`-Q`) of each entry that runs a Celery worker consuming named queues
+    (an entry without -Q is not one: beat names the problem in its log)."""
+    found = {}
+    for name, command in processes.items():
+        try:
+            parsed = parse_worker_command(command, 1)
+        except ValueError:
+            continue
+        if parsed is not None:
+            found[name] = parsed[0]
+    return found
+
+
+def served_queues(processes: Mapping[str, str]) -> tuple[str, ...]:
+    """Every queue a worker entry consumes: a balanced task's target queues are not in
+    the settings, and the ACL users must reach them too."""
+    return tuple(dict.fromkeys(q for queues in _worker_queues(processes).values()
+                               for q in queues))  # fmt: skip
+
+
+def worker_groups(processes: Mapping[str, str]) -> set[str]:
+    """The entries that run a Celery worker consuming named queues: the groups beat's
+    fleet scaler sizes, and `up` scales (a worker of one process, like alerts, too)."""
+    return set(_worker_queues(processes))
 
 
 def proc(settings: Settings, procfile: Path, name: str) -> None:
@@ -248,7 +253,8 @@ def up(
             binary = find_redis_server()
             acl = None
             if supported(redis_version(binary)):  # ACL users; a password given is the operator's
-                acl = Acl(settings.all_queues, demo="demo" in fleet.processes)
+                queues = settings.all_queues + served_queues(fleet.processes)
+                acl = Acl(tuple(dict.fromkeys(queues)), demo="demo" in fleet.processes)
             embedded = EmbeddedRedis(
                 binary=binary, password=password.reveal() if password else None, acl=acl
             ).start()
@@ -279,11 +285,16 @@ def up(
                    acl=acl_note, operator=operator),
             flush=True,
         )  # fmt: skip
-        manager = SupervisedManager(redis_url=supervisor_url)
+        manager = SupervisedManager(
+            redis_url=supervisor_url, scale_every=settings.scaling.fleet_scale_interval
+        )
+        cwd = str(procfile.resolve().parent)
+        scaled = worker_groups(fleet.processes) if "beat" in fleet.processes else set()
         for name, cmd in fleet.processes.items():
-            manager.add_process(
-                name, cmd, env=fleet.env_of(name), cwd=str(procfile.resolve().parent)
-            )
+            # exec: the process honcho signals is the program itself, not a shell
+            manager.add_process(name, f"exec {cmd}", env=fleet.env_of(name), cwd=cwd)
+            if name in scaled:
+                manager.add_group(name, f"exec {cmd}", env=fleet.env_of(name), cwd=cwd)
         manager.loop()
         return int(manager.returncode or 0)
     finally:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -147,7 +147,9 @@ def audit_keys(folder: Path) -> tuple[Path, Path]:
 
 
 #: The demo producer may send the catalogue's tasks and nothing else.
-DEMO_TASKS = ("payments.*", "inventory.*", "notifications.*", "bulwark.ping")
+DEMO_TASKS = (
+    "payments.*", "inventory.*", "notifications.*", "catalog.*", "shipping.*", "bulwark.ping",
+)  # fmt: skip
 
 
 def dev_keys(folder: Path) -> DevKeys:
@@ -161,7 +163,12 @@ def dev_keys(folder: Path) -> DevKeys:
         ("demo", "producer", DEMO_TASKS),
     ):
         stable = folder / f"{name}.pem"  # a name a container's environment can give
-        if store.identity(name) is not None and stable.exists():
+        existing = store.identity(name)
+        if existing is not None and stable.exists():
+            if tasks and existing.grant.tasks != tasks:  # the catalogue grew: grant it all
+                grant = replace(existing.grant, tasks=tasks)
+                write_trust(trust_file, store.with_identity(replace(existing, grant=grant)))
+                store = read_trust(trust_file)
             files[name] = stable
             continue
         _kid, made = add_identity(trust_file, folder, name, role=role, tasks=tasks)

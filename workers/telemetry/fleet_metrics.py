@@ -17,21 +17,32 @@
   bulwark_health_check_latency_seconds{check}; bulwark_health_last_run_timestamp_seconds
 - bulwark_security_refusals_last_minute{kind}: task messages refused by
   verification fleet-wide in the last minute (to the bucket), every kind, 0 included
+- bulwark_worker_utilization{worker}: share of a worker's pool busy, between its last two
+  heartbeats (their run-time totals); bulwark_balance_efficiency{task} (least busy over
+  busiest worker of a balanced task's targets) and bulwark_balance_backlog_spread{task}
+- bulwark_scaling_desired_workers{group}, bulwark_scaling_current_workers{group},
+  bulwark_scaling_ready_workers{group}: the fleet scaler's last decision per
+  Procfile worker group (`workers.scaling.fleet`; `scaling_families`)
 
 The snapshot is taken when scraped, at most once per `BULWARK_METRICS_INTERVAL`.
 """
 
 from __future__ import annotations
 
+import logging
+import statistics
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import redis
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from workers import balancing
 from workers.fleet import SEVERITY, FleetSnapshot
+from workers.scaling.fleet import read_decisions
 from workers.security.refusals import KINDS
 
 BREAKER_STATES = ("closed", "half_open", "open", "forced_open", "disabled", "metrics_only")
@@ -139,27 +150,112 @@ def fleet_families(snap: FleetSnapshot) -> Iterator[Any]:
         )
 
 
+class Utilisation:
+    """Each worker's busy share between two snapshots: the growth of its run-time total
+    over the time between its two heartbeats, times its pool processes; and, for every
+    balanced task, how evenly its target queues' workers are busy and backlogged."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, tuple[float, float]] = {}  # hostname -> (heartbeat at, seconds)
+        self.of: dict[str, float] = {}
+
+    def update(self, snap: FleetSnapshot) -> None:
+        seen = {}
+        for w in snap.workers:
+            if w.runtime is None:
+                continue
+            seen[w.hostname] = (w.at, w.runtime[0])
+            before = self._last.get(w.hostname)
+            if before is None or w.at <= before[0] or w.runtime[0] < before[1]:
+                continue  # the same heartbeat again, or a restarted worker
+            busy = (w.runtime[0] - before[1]) / ((w.at - before[0]) * (w.processes or 1))
+            self.of[w.hostname] = max(0.0, min(1.0, busy))
+        self._last = seen
+        self.of = {h: u for h, u in self.of.items() if h in seen}
+
+    def families(self, snap: FleetSnapshot) -> Iterator[Any]:
+        yield _gauge(
+            "bulwark_worker_utilization",
+            "Share of a worker's pool busy running tasks, between its last two heartbeats",
+            ["worker"],
+            sorted(self.of.items()),
+        )
+        efficiency, spread = [], []
+        for task, balance in sorted(balancing.declared().items()):
+            targets = set(balance.targets)
+            busy = [self.of[w.hostname] for w in snap.workers
+                    if w.hostname in self.of and targets & set(w.queues)]  # fmt: skip
+            if busy and max(busy) > 0:
+                efficiency.append((task, min(busy) / max(busy)))
+            depths = [snap.queue(t).backlog for t in balance.targets]
+            mean = statistics.mean(depths)
+            spread.append((task, statistics.pstdev(depths) / mean if mean else 0.0))
+        yield _gauge(
+            "bulwark_balance_efficiency",
+            "Least busy over busiest worker of a balanced task's target queues (1: even)",
+            ["task"],
+            efficiency,
+        )
+        yield _gauge(
+            "bulwark_balance_backlog_spread",
+            "Standard deviation over mean of a balanced task's target queue backlogs",
+            ["task"],
+            spread,
+        )
+
+
 class FleetCollector:
     """Fleet gauges from a snapshot taken when scraped, at most once per `interval` seconds."""
 
-    def __init__(self, take: Callable[[], FleetSnapshot], interval: float) -> None:
+    def __init__(
+        self,
+        take: Callable[[], FleetSnapshot],
+        interval: float,
+        scaling: Callable[[], redis.Redis] | None = None,
+    ) -> None:
         self.take = take
+        #: Gives the client the fleet scaler's decisions are read with (None: not served).
+        self.scaling = scaling
         self.interval = interval
         self._lock = threading.Lock()
         self._at = float("-inf")
         self._snapshot: FleetSnapshot | None = None
+        self.utilisation = Utilisation()
 
     def snapshot(self) -> FleetSnapshot:
         with self._lock:
             if self._snapshot is None or time.monotonic() - self._at >= self.interval:
                 self._snapshot = self.take()
                 self._at = time.monotonic()
+                if self._snapshot.up:
+                    self.utilisation.update(self._snapshot)
             return self._snapshot
 
     def collect(self) -> Iterator[Any]:
-        yield from fleet_families(self.snapshot())
+        snap = self.snapshot()
+        yield from fleet_families(snap)
+        if snap.up:
+            yield from self.utilisation.families(snap)
+            if self.scaling is not None:
+                yield from scaling_families(self.scaling())
 
     def exposition(self) -> bytes:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(self)
         return generate_latest(registry)
+
+
+def scaling_families(client: redis.Redis) -> Iterator[Any]:
+    """The scaling gauges, from the decisions stored in Redis (none if Redis is away:
+    `bulwark_fleet_up` already says so)."""
+    try:
+        decisions = sorted(read_decisions(client).items())
+    except redis.RedisError as exc:
+        logging.getLogger(__name__).warning("scaling gauges: Redis unreachable (%s)", exc)
+        return
+    for metric, doc, field in (
+        ("bulwark_scaling_desired_workers", "Workers the fleet scaler wants", "desired"),
+        ("bulwark_scaling_current_workers", "Workers with a live heartbeat", "current"),
+        ("bulwark_scaling_ready_workers", "Workers beating on time", "ready"),
+    ):
+        yield _gauge(metric, doc, ["group"], ((n, getattr(d, field)) for n, d in decisions))

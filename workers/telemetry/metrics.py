@@ -26,6 +26,13 @@ Per worker process group (counters and histograms, no hostname labels):
   refused (not a kombu envelope; source `queue` or `unacked`)
 - bulwark_security_refusals_total{kind}: task messages refused by verification
   (kind: `workers.security.refusals.KINDS`); see `security_refused`
+- bulwark_autoscale_decisions_total{direction}: pool-size decisions of a worker run
+  with --autoscale (up, down, hold; `workers.scaling.autoscaler`)
+- bulwark_cache_events_total{cache, event}, bulwark_cache_fill_seconds_total{cache}:
+  the tiered cache (`workers.caching`): hits per level, misses, fills, evictions
+- bulwark_pool_events_total{pool, event}, bulwark_pool_wait_seconds_total{pool},
+  bulwark_pool_in_use{pool}, bulwark_pool_idle{pool}: resource pools per dependency
+  (`workers.pools`)
 
 The fleet gauges (beat's /metrics) are in `workers.telemetry.fleet_metrics`.
 """
@@ -42,6 +49,7 @@ import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Collection
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -53,6 +61,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
     multiprocess,
@@ -187,6 +196,51 @@ class TaskMetrics:
             ["kind"],
             registry=r,
         )
+        self.autoscale = Counter(
+            "bulwark_autoscale_decisions",
+            "Pool-size decisions of the worker's autoscaler (direction: up, down, hold)",
+            ["direction"],
+            registry=r,
+        )
+        self.cache = Counter(
+            "bulwark_cache_events",
+            "Tiered cache lookups and what they did (hit_l1, hit_l2, miss, fill, evicted, "
+            "too_large, unstorable, corrupt)",
+            ["cache", "event"],
+            registry=r,
+        )
+        self.pool = Counter(
+            "bulwark_pool_events",
+            "Resource pool events (created, closed, failed, timed_out)",
+            ["pool", "event"],
+            registry=r,
+        )
+        self.pool_in_use = Gauge(
+            "bulwark_pool_in_use",
+            "Pooled resources checked out now (summed over the live processes)",
+            ["pool"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.pool_idle = Gauge(
+            "bulwark_pool_idle",
+            "Pooled resources idle now (summed over the live processes)",
+            ["pool"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.pool_wait = Counter(
+            "bulwark_pool_wait_seconds",
+            "Seconds spent waiting for a pooled resource",
+            ["pool"],
+            registry=r,
+        )
+        self.cache_fill = Counter(
+            "bulwark_cache_fill_seconds",
+            "Seconds spent filling cache misses from the dependency",
+            ["cache"],
+            registry=r,
+        )
 
     def task(self, state: str, task: str, queue: str | None) -> None:
         self.tasks.labels(task=task, queue=queue or "unknown", state=state).inc()
@@ -220,6 +274,29 @@ def exposition() -> tuple[bytes, str]:
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=path)
     return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+def runtime_totals(queues: Collection[str]) -> tuple[float, int]:
+    """(seconds, tasks) this process group's tasks on `queues` have run so far: the sum
+    and count of `bulwark_task_runtime_seconds`, as every pool process wrote them (the
+    autoscaler's measure of run time and completions)."""
+    path = multiprocess_dir()
+    if path is None:
+        families = metrics().registry.collect()
+    else:
+        families = MultiProcessCollector(None, path=path).collect()
+    seconds, count = 0.0, 0
+    for family in families:
+        if family.name != "bulwark_task_runtime_seconds":
+            continue
+        for sample in family.samples:
+            if sample.labels.get("queue") not in queues:
+                continue
+            if sample.name.endswith("_sum"):
+                seconds += sample.value
+            elif sample.name.endswith("_count"):
+                count += int(sample.value)
+    return seconds, count
 
 
 # -- policy events -> metrics ------------------------------------------------------------------

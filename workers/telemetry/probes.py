@@ -19,8 +19,10 @@ from typing import Any
 import redis
 from celery import signals
 
-from workers import fleet
+from workers import beat, fleet
+from workers.celeryconfig import queue_names
 from workers.resources import broker_redis, policy_redis
+from workers.scaling.fleet import read_decisions, scaling_document
 from workers.settings import get_settings
 from workers.telemetry.fleet_metrics import FleetCollector
 from workers.telemetry.http import Response, Route, Server
@@ -90,11 +92,13 @@ def serve(process: str, probes: dict[str, Route], *, with_fleet: bool = False) -
     """Start this process's HTTP server (/metrics plus `probes`) and advertise it."""
     global _server
     obs = get_settings().observability
-    collector = FleetCollector(fleet.take, obs.metrics_interval) if with_fleet else None
+    collector = (
+        FleetCollector(_take, obs.metrics_interval, scaling=policy_redis) if with_fleet else None
+    )
 
     def metrics_route() -> Response:
         body, content_type = exposition()
-        if collector is not None:
+        if collector is not None and beat.leading():  # one beat serves the fleet's gauges
             body += collector.exposition()
         return Response(200, body, content_type)
 
@@ -109,15 +113,29 @@ def serve(process: str, probes: dict[str, Route], *, with_fleet: bool = False) -
     return _server
 
 
+def _take() -> fleet.FleetSnapshot:
+    """The fleet snapshot beat serves: the settings' queues and every balanced target."""
+    return fleet.read_fleet(policy_redis(), broker_redis(), queue_names(get_settings()))
+
+
 def _on_worker_ready(sender: Any = None, **_: Any) -> None:
     probe = WorkerProbe(sender)
     serve(sender.hostname, {"/healthz": probe.liveness, "/readyz": probe.readiness})
 
 
+def beat_scaling() -> Response:
+    """The fleet scaler's last decisions (either beat serves them: they are in Redis)."""
+    try:
+        decisions = read_decisions(policy_redis())
+    except redis.RedisError as exc:
+        return Response.json(503, {"error": f"Redis unreachable: {exc}"})
+    return Response.json(200, scaling_document(decisions))
+
+
 def _on_beat_init(**_: Any) -> None:
     serve(
         beat_process_name(),
-        {"/healthz": beat_liveness, "/readyz": beat_readiness},
+        {"/healthz": beat_liveness, "/readyz": beat_readiness, "/scaling": beat_scaling},
         with_fleet=True,
     )
 

@@ -29,6 +29,7 @@ from policies import keys
 from policies.trust import PUBLISHED
 from tests.kit import ROOT, Worker
 from workers import resources
+from workers.balancing import DECLARED_KEY
 from workers.client import client
 from workers.ops import acl
 from workers.ops.acl import Acl, aclfile, users
@@ -106,9 +107,11 @@ class TestRules:
             patterns = [r.split("~", 1)[1] for r in producer.rules if "~" in r]
             for key in [POLICY_KEY, keys.key("bulkhead", "payments", "leases"), "bulwark:audit"]:
                 assert not any(fnmatch.fnmatchcase(key, p) for p in patterns), (version, key)
-            # Only the published trust store, read-only, where Redis 7 can say so.
+            # Only the published trust store and balanced tasks, read-only, where Redis 7
+            # can say so.
             policies = [r for r in producer.rules if "bulwark" in r]
-            assert policies == (["%R~bulwark:{trust:store}:signed"] if version >= (7, 0) else [])
+            published = ["%R~bulwark:{trust:store}:signed", "%R~bulwark:{balance:fleet}:declared"]
+            assert policies == (published if version >= (7, 0) else [published[1][2:]])
             assert "+set" not in producer.rules and "+del" not in producer.rules
 
     def test_version_gates(self) -> None:
@@ -198,7 +201,9 @@ class TestRoles:
         if locked.version >= (6, 2):
             assert refused(lambda: producer.publish(keys.channel("breaker", "payments"), "x"))
         assert refused(lambda: producer.set(PUBLISHED, "forged"))
-        if locked.version >= (7, 0):  # the published trust store: read-only
+        assert refused(lambda: producer.hset(DECLARED_KEY, "payments.charge", "{}"))
+        assert producer.hgetall(DECLARED_KEY) == {}  # the balanced tasks: readable
+        if locked.version >= (7, 0):  # the trust store: read-only
             assert producer.get(PUBLISHED) is None
         else:
             assert refused(lambda: producer.get(PUBLISHED))

@@ -17,9 +17,11 @@ import pytest
 import redis
 
 from policies.deadletter import DeadLetter, DeadLetterStore
+from policies.routing import choose
 from tasks.dependencies import dependency
 from tests.conftest import StartWorker
 from tests.kit import ROOT, child_env, poll
+from workers import balancing
 from workers.client import EnqueueRefused, client
 from workers.fleet import WORKERS_INDEX, heartbeat_key, read_fleet
 from workers.ops.cli import main as bulwark
@@ -49,6 +51,9 @@ class TestStatus:
     def test_status_of_a_running_fleet(self, r: redis.Redis, start_worker: StartWorker) -> None:
         start_worker(["payments"], name="payments", env=FAST)
         assert client().send_task("payments.charge", args=["o1", 100]).get(timeout=30)
+        # A balanced task (the worker published it), waiting on the order's shard.
+        client().send_task("shipping.label", args=["order-7", 1])
+        shard = choose(balancing.published(r)[0]["shipping.label"], turn=0, key="order-7")
         code, text = cli("status")
         assert code == 0
         lines = text.splitlines()
@@ -58,8 +63,13 @@ class TestStatus:
         breaker_row = next(line for line in lines if line.split()[:2] == ["payments", "closed"])
         assert breaker_row
         assert lines[-1] == "DEAD LETTERS  0 kept (0 ever)"
+        backlog = {"shipping.0": 0, "shipping.1": 0, shard: 1}
+        balanced = next(line for line in lines if line.startswith("  shipping.label"))
+        assert balanced.split()[1:] == ["consistent_hash", *(f"{q}={n}" for q, n in
+                                                             backlog.items())]  # fmt: skip
         code, raw = cli("status", "--json")
         data = json.loads(raw)
+        assert data["balancing"]["shipping.label"]["backlog"] == backlog
         assert [b["name"] for b in data["breakers"]] == ["payments"]
         assert [b["limit"] for b in data["bulkheads"]] == [4]
         assert [w["hostname"] for w in data["workers"]] == ["payments@test"]

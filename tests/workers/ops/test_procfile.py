@@ -8,8 +8,11 @@ import subprocess
 
 import pytest
 
+import tasks.catalogue  # noqa: F401  (declares the catalogue's balanced tasks)
 from tests.kit import ROOT, need
-from workers.ops.supervisor import ProcfileError, read_procfile, select
+from workers import balancing
+from workers.ops.acl import users
+from workers.ops.supervisor import ProcfileError, read_procfile, select, served_queues
 
 PROCFILE = ROOT / "Procfile"
 COMPOSE = (ROOT / "docker-compose.yml").read_text()
@@ -39,6 +42,31 @@ def test_workers_serve_distinct_bulkhead_queues() -> None:
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
             assert not queues[a] & queues[b], f"{a} and {b} share a queue"
+
+
+def test_every_shard_of_a_balanced_task_is_served_and_in_the_acl() -> None:
+    """A balanced task's target queues are not bulkhead queues of the settings: a worker
+    entry must consume each, and `bulwark up`'s ACL users (built from what the entries
+    consume) must reach each."""
+    served = served_queues(read_procfile(PROCFILE))
+    targets = set(balancing.declared()["shipping.label"].targets)  # the catalogue's
+    assert {"shipping.0", "shipping.1"} == targets <= set(served)
+    producer = next(u for u in users(served) if u.name == "producer")
+    assert "~shipping.0" in producer.rules and "~shipping.1" in producer.rules
+
+
+def test_pooled_workers_autoscale_within_their_bulkheads() -> None:
+    processes = read_procfile(PROCFILE)
+    bounds = {
+        name: re.search(r"--autoscale=(\d+),(\d+)", cmd)
+        for name, cmd in processes.items()
+        if name.startswith("worker_") and "--concurrency=1" not in cmd
+    }
+    assert set(bounds) >= {"worker_payments", "worker_general"}
+    for name, found in bounds.items():
+        assert found, f"{name} runs without --autoscale=MAX,MIN"
+        assert int(found[1]) >= int(found[2]) >= 1, name
+    assert bounds["worker_payments"][1] == "4"  # type: ignore[index]  # the payments bulkhead
 
 
 def test_flower_credentials_never_on_the_command_line() -> None:
@@ -71,3 +99,23 @@ def test_compose_file_validates() -> None:
         env={"BULWARK_FLOWER_PASSWORD": "x", "PATH": "/usr/bin:/bin"},
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_kubernetes_runs_and_keda_scales_every_worker_group() -> None:
+    """deploy/kubernetes: a Deployment per Procfile worker group, on the port its entry sets,
+    and a KEDA ScaledObject reading that group's desired count from beat's /scaling."""
+    documents = (ROOT / "deploy" / "kubernetes" / "workers.yaml").read_text().split("\n---\n")
+    processes = read_procfile(PROCFILE)
+    for name, command in processes.items():
+        if not name.startswith("worker_"):
+            continue
+        port = re.search(r"BULWARK_HTTP_PORT=(\d+)", command)
+        deployment = [d for d in documents if "kind: Deployment" in d and f'["{name}"]' in d]
+        assert len(deployment) == 1, f"no Deployment runs {name}"
+        assert port and f"containerPort: {port[1]}" in deployment[0], name
+        scaled = [d for d in documents if f'valueLocation: "groups.{name}.desired"' in d]
+        assert len(scaled) == 1 and "kind: ScaledObject" in scaled[0], f"KEDA does not scale {name}"
+        assert 'url: "http://bulwark-beat:9100/scaling"' in scaled[0]
+    beat = (ROOT / "deploy" / "kubernetes" / "beat.yaml").read_text()
+    assert "replicas: 2" in beat and "containerPort: 9100" in beat
+    assert "BULWARK_HTTP_PORT=9100" in processes["beat"]

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
-import signal
 import socket
 import subprocess
-import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +14,7 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.kit import ROOT, child_env, poll
+from tests.kit import poll, start_beat, stop_session
 from workers.fleet import HEALTH_RESULTS_KEY as RESULTS_KEY
 from workers.fleet import read_fleet
 from workers.ops.cli import main as bulwark
@@ -30,22 +27,11 @@ FAST = {"BULWARK_HEALTH_CHECK_INTERVAL": "0.5", "BULWARK_METRICS_INTERVAL": "0.2
 
 @pytest.fixture
 def beat(redis_url: str, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    log = (tmp_path / "beat.log").open("ab")
-    env = child_env(redis_url, {**FAST, "BULWARK_METRICS_DIR": str(tmp_path / "metrics")})
-    command = [
-        sys.executable, "-m", "celery", "-A", "workers.app", "beat", "--loglevel=INFO",
-        f"--schedule={tmp_path / 'beat-schedule'}",
-    ]  # fmt: skip
-    process = subprocess.Popen(
-        command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
+    process = start_beat(redis_url, tmp_path, env={
+        **FAST, "BULWARK_METRICS_DIR": str(tmp_path / "metrics")
+    })  # fmt: skip
     yield process
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(15)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+    stop_session(process)
 
 
 def bulwark_health(*args: str) -> tuple[int, str]:
