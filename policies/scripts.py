@@ -76,12 +76,16 @@ class Scripts:
         """
         script = self[name]
         index = len(pipe)
+        # By name, not `pipe.evalsha`: a cluster pipeline blocks its script methods, yet
+        # routes the command itself by its keys' slot (one slot: hash-tagged keys).
         if name in self._registry.queued:
-            pipe.evalsha(script.sha, len(keys), *keys, *args)
+            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
         else:
             # The first call sends the source (EVAL caches it on the server): no round
-            # trip of its own, and nothing raised here while Redis is unreachable.
-            pipe.eval(script.script, len(keys), *keys, *args)
+            # trip of its own, and nothing raised here while Redis is unreachable. (On a
+            # cluster only that node has it: another node answers NOSCRIPT once, and
+            # `Queued.reply` loads it everywhere.)
+            pipe.execute_command("EVAL", script.script, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
             self._registry.queued.add(name)
         return Queued(self, name, keys, args, index)
 

@@ -21,11 +21,13 @@ from policies.clock import FakeClock
 from tests import kit
 from tests.events import Events
 from tests.kit import Worker
+from tests.topologies import Cluster
 from workers import balancing, guard, resources, settings
 from workers.client import client
 from workers.ops.embedded import EmbeddedRedis
 from workers.security import audit, context, sealed
 from workers.security.keys import dev_keys
+from workers.stores import connect
 from workers.telemetry import tracing
 
 StartWorker = Callable[..., Worker]
@@ -77,6 +79,28 @@ def spare_redis() -> Iterator[EmbeddedRedis]:
     server = EmbeddedRedis().start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[Cluster]:
+    """A Redis Cluster of our own: 3 masters, each with a replica (for failovers)."""
+    cluster = Cluster(masters=3, replicas=1).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(params=["redis", "cluster"])
+def store_url(request: pytest.FixtureRequest, redis_url: str) -> Iterator[str]:
+    """The policy store's URL, flushed first: the session's redis-server, then the
+    session's Redis Cluster (a test that takes it runs once on each)."""
+    if request.param == "redis":
+        yield redis_url
+        return
+    url = request.getfixturevalue("redis_cluster").url
+    client = connect(url)
+    client.flushall()  # every master
+    yield url
+    client.close()
 
 
 @pytest.fixture

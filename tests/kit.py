@@ -18,6 +18,7 @@ import redis
 from policies.breaker import BreakerSnapshot
 from policies.degradation import Level, ServiceState
 from workers.fleet import heartbeat_key
+from workers.stores import connect
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -152,7 +153,7 @@ class Worker:
             self.command, env=self.env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True,
         )  # fmt: skip
-        client = redis.Redis.from_url(self.redis_url)
+        client = connect(self.redis_url)
         key = heartbeat_key(self.hostname)
 
         def ready() -> bool:

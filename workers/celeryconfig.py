@@ -57,10 +57,18 @@ GUARDED_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 def transport_for(broker_url: str) -> dict[str, str]:
-    """`broker_transport` for a Redis broker: kombu's Redis transport with poison guard."""
+    """`broker_transport` for a Redis broker: kombu's Redis (or Sentinel) transport with
+    the poison guard. RabbitMQ keeps kombu's own (py-amqp)."""
     if broker_url.startswith(GUARDED_SCHEMES):
         return {"broker_transport": "workers.transport:GuardedTransport"}
+    if broker_url.startswith("sentinel://"):
+        return {"broker_transport": "workers.transport:GuardedSentinelTransport"}
     return {}
+
+
+def sentinel_options(url: str, master: str) -> dict[str, str]:
+    """The transport options a `sentinel://` URL needs: the master's name."""
+    return {"master_name": master} if url.startswith("sentinel://") else {}
 
 
 def queue_names(settings: Settings) -> tuple[str, ...]:
@@ -124,8 +132,12 @@ def build_config(settings: Settings) -> dict[str, Any]:
             "socket_connect_timeout": 5,
             "socket_timeout": 30,
             "retry_on_timeout": True,
+            **sentinel_options(settings.broker, settings.sentinel_master),
         },
-        "result_backend_transport_options": {"socket_connect_timeout": 5},
+        "result_backend_transport_options": {
+            "socket_connect_timeout": 5,
+            **sentinel_options(settings.backend, settings.sentinel_master),
+        },
         # A result write that meets a Redis outage is retried (up to about a minute),
         # so a task that succeeded is never reported as FAILURE because Redis blinked.
         "result_backend_always_retry": True,

@@ -311,7 +311,7 @@ def _read(policy: redis.Redis, broker: redis.Redis, queues: list[str]) -> FleetS
     letters = DeadLetterStore(policy)
     # 1. what exists, and the plain values
     pipe = policy.pipeline(transaction=False)
-    pipe.time()
+    pipe.execute_command("TIME")  # by name: a cluster pipeline blocks `time()` (keyless)
     for policy_name in ("breaker", "bulkhead", "degradation"):
         pipe.smembers(keys.index(policy_name))
     pipe.smembers(WORKERS_INDEX)

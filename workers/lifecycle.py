@@ -22,6 +22,7 @@ import psutil
 import redis
 from celery import signals
 
+from policies import endpoints
 from workers import balancing, listeners
 from workers.fleet import WORKERS_INDEX, heartbeat_key
 from workers.resources import RedisUnavailable, policy_redis, wait_for_redis
@@ -49,8 +50,10 @@ def _preflight() -> None:
         if problem is not None:
             raise SystemExit(f"bulwark: {problem}")
     for url in {settings.redis_url, settings.broker}:
+        if endpoints.parse(url).kind == "amqp":
+            continue  # RabbitMQ: Celery's own connection (it retries at start) says
         try:
-            wait_for_redis(url).close()
+            wait_for_redis(url, master=settings.sentinel_master).close()
         except RedisUnavailable as exc:
             raise SystemExit(f"bulwark: {exc}") from None
 

@@ -25,6 +25,7 @@ from policies.degradation import Degradation, DegradationConfig
 from policies.degradation.store import RedisDegradationStore
 from workers.registry import Declaration, registry
 from workers.settings import get_settings
+from workers.stores import connect
 
 T = TypeVar("T")
 
@@ -72,20 +73,26 @@ class PerProcess(Generic[T]):
 
 
 @functools.cache
-def _client(url: str, pid: int) -> redis.Redis:
-    return redis.Redis.from_url(
-        url, socket_connect_timeout=2.0, socket_timeout=2.0, health_check_interval=30
+def _client(url: str, pid: int, master: str) -> redis.Redis:
+    return connect(
+        url,
+        master=master,
+        socket_connect_timeout=2.0,
+        socket_timeout=2.0,
+        health_check_interval=30,
     )
 
 
 def policy_redis() -> redis.Redis:
     """The Redis client for policy state in this process (a new one after fork)."""
-    return _client(get_settings().redis_url, os.getpid())
+    settings = get_settings()
+    return _client(settings.redis_url, os.getpid(), settings.sentinel_master)
 
 
 def broker_redis() -> redis.Redis:
     """A Redis client on the broker (which may be another server than the policies')."""
-    return _client(get_settings().broker, os.getpid())
+    settings = get_settings()
+    return _client(settings.broker, os.getpid(), settings.sentinel_master)
 
 
 def deadletters() -> DeadLetterStore:
@@ -111,9 +118,12 @@ def redact_url(url: str) -> str:
     return f"{scheme}://{user}:***@{host}"
 
 
-def wait_for_redis(url: str, deadline: float = CONNECT_DEADLINE) -> redis.Redis:
-    """Return a client once `PING` answers; raise `RedisUnavailable` after `deadline` s."""
-    client = redis.Redis.from_url(url, socket_connect_timeout=1.0, socket_timeout=2.0, retry=None)
+def wait_for_redis(
+    url: str, deadline: float = CONNECT_DEADLINE, *, master: str = "mymaster"
+) -> redis.Redis:
+    """Return a client once `PING` answers; raise `RedisUnavailable` after `deadline` s.
+    `master`: the master's name if `url` is a `sentinel://` one."""
+    client = connect(url, master=master, socket_connect_timeout=1.0, socket_timeout=2.0, retry=None)
     end = time.monotonic() + deadline
     last: Exception | None = None
     while time.monotonic() < end:

@@ -156,9 +156,14 @@ def _split_netloc(url: str) -> tuple[str, str, str, str] | None:
     return scheme, userinfo if at else "", hostport, rest
 
 
+def _parts(url: str) -> list[str]:
+    """The nodes of a `;`-separated URL (sentinel://, redis+cluster://), or the URL itself."""
+    return url.split(";")
+
+
 def url_password(url: str) -> str | None:
-    """The password a URL carries (unquoted), or None."""
-    parts = _split_netloc(url)
+    """The password a URL carries (unquoted; the first node's in a `;`-separated one)."""
+    parts = _split_netloc(_parts(url)[0])
     if parts is None or ":" not in parts[1]:
         return None
     password = urllib.parse.unquote(parts[1].split(":", 1)[1])
@@ -166,23 +171,32 @@ def url_password(url: str) -> str | None:
 
 
 def with_password(url: str, password: str) -> str:
-    """`url` with `password` (quoted) in it, keeping its user; unchanged if it has one."""
-    parts = _split_netloc(url)
-    if parts is None or url_password(url) is not None:
+    """`url` with `password` (quoted) in each node, keeping its user; unchanged if it has one."""
+    if url_password(url) is not None:
         return url
-    scheme, userinfo, hostport, rest = parts
-    user = userinfo.split(":", 1)[0]
     quoted = urllib.parse.quote(password, safe="")
-    return f"{scheme}://{user}:{quoted}@{hostport}{rest}"
+    nodes = []
+    for node in _parts(url):
+        parts = _split_netloc(node)
+        if parts is None:
+            nodes.append(node)
+            continue
+        scheme, userinfo, hostport, rest = parts
+        nodes.append(f"{scheme}://{userinfo.split(':', 1)[0]}:{quoted}@{hostport}{rest}")
+    return ";".join(nodes)
 
 
 def hide_password(url: str) -> str:
-    """`url` with its password, if any, shown as `***`."""
-    parts = _split_netloc(url)
-    if parts is None or ":" not in parts[1]:
-        return url
-    scheme, userinfo, hostport, rest = parts
-    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{hostport}{rest}"
+    """`url` with its passwords, if any, shown as `***`."""
+    nodes = []
+    for node in _parts(url):
+        parts = _split_netloc(node)
+        if parts is None or ":" not in parts[1]:
+            nodes.append(node)
+            continue
+        scheme, userinfo, hostport, rest = parts
+        nodes.append(f"{scheme}://{userinfo.split(':', 1)[0]}:***@{hostport}{rest}")
+    return ";".join(nodes)
 
 
 def _loopback(host: str) -> bool:
@@ -194,16 +208,24 @@ def _loopback(host: str) -> bool:
         return False
 
 
+#: Schemes whose traffic crosses the network in clear.
+_PLAIN = ("redis://", "sentinel://", "redis+cluster://", "amqp://", "pyamqp://")
+
+
 def plaintext_remote(url: str) -> bool:
-    """True if `url` is a plain `redis://` URL to a host other than this one's loopback
-    (credentials and task messages would cross a network in clear)."""
-    if not url.startswith("redis://"):
-        return False  # rediss:// (TLS) or unix:// (a local socket)
-    try:
-        host = urllib.parse.urlsplit(url).hostname
-    except ValueError:
-        return True
-    return not (host and _loopback(host))
+    """True if a node of `url` is reached in clear (`redis://`, `sentinel://`, `amqp://`, ...)
+    on a host other than this one's loopback (credentials and task messages would cross a
+    network in clear)."""
+    for node in _parts(url):
+        if not node.startswith(_PLAIN):
+            continue  # rediss:// and amqps:// (TLS) or unix:// (a local socket)
+        try:
+            host = urllib.parse.urlsplit(node).hostname
+        except ValueError:
+            return True
+        if not (host and _loopback(host)):
+            return True
+    return False
 
 
 def cert_reqs(url: str) -> str | None:

@@ -20,12 +20,12 @@ import functools
 import logging
 import os
 import re
-import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from policies import endpoints
 from workers.secrets import (
     Secret,
     SecretFileError,
@@ -185,23 +185,44 @@ def _url(*schemes: str) -> Parser:
     return Parser(parse, "a URL starting with " + " or ".join(f"{s}://" for s in schemes))
 
 
-def _redis_url() -> Parser:
-    """A Redis URL; a `rediss://` one must say how to check the server's certificate
-    (kombu would otherwise connect without checking it, with only a warning)."""
+#: Which engines each store URL may name (`policies.endpoints`).
+_POLICY_STORES = ("redis", "sentinel", "cluster")
+_BROKERS = ("redis", "sentinel", "amqp")
+_BACKENDS = ("redis", "sentinel")
+
+_SCHEMES = {
+    "redis": "redis://, rediss://, unix://",
+    "sentinel": "sentinel://",
+    "cluster": "redis+cluster://",
+    "amqp": "amqp://",
+}
+
+
+def _master_name() -> Parser:
+    def parse(raw: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,100}", raw.strip()):
+            raise ValueError
+        return raw.strip()
+
+    return Parser(parse, "a sentinel master name (1-100 of A-Z a-z 0-9 _ . -)")
+
+
+def _redis_url(kinds: tuple[str, ...] = _POLICY_STORES) -> Parser:
+    """A store URL of one of `kinds`; a TLS one must say how to check the server's
+    certificate (kombu would otherwise connect without checking it, with only a warning)."""
 
     def parse(raw: str) -> str:
         value = raw.strip()
-        if not value.startswith(("redis://", "rediss://", "unix://")):
+        endpoint = endpoints.parse(value)  # ValueError: the setting's message says what fits
+        if endpoint.kind not in kinds:
             raise ValueError
-        if value.startswith("rediss://"):
-            query = urllib.parse.parse_qs(urllib.parse.urlsplit(value).query)
-            if not query.get("ssl_cert_reqs"):
-                raise ValueError
+        if endpoint.scheme in ("rediss", "rediss+cluster") and not cert_reqs(value):
+            raise ValueError
         return value
 
     return Parser(
         parse,
-        "a URL starting with redis://, rediss:// or unix://; a rediss:// URL names "
+        f"a URL starting with {', '.join(_SCHEMES[k] for k in kinds)}; a rediss:// URL names "
         "ssl_cert_reqs=required (and ssl_ca_certs=PATH for a private CA)",
     )
 
@@ -737,13 +758,19 @@ class Settings:
         "Redis for policies (and the broker/backend unless set apart)",
     )
     broker_url: str | None = setting(
-        "CELERY_BROKER_URL", _redis_url(), None, "broker; defaults to REDIS_URL"
+        "CELERY_BROKER_URL", _redis_url(_BROKERS), None, "broker; defaults to REDIS_URL"
     )
     result_backend: str | None = setting(
         "CELERY_RESULT_BACKEND",
-        _redis_url(),
+        _redis_url(_BACKENDS),
         None,
         "result backend; defaults to REDIS_URL",
+    )
+    sentinel_master: str = setting(
+        "BULWARK_SENTINEL_MASTER",
+        _master_name(),
+        "mymaster",
+        "the master's name in the sentinels, for every sentinel:// URL",
     )
     redis_password: Secret | None = setting(  # noqa: RUF009 (a field, as every setting)
         "BULWARK_REDIS_PASSWORD",
@@ -890,6 +917,9 @@ class Settings:
         return min(5.0, max(0.5, self.scaling.visibility_timeout / 10))
 
     def _check_consistency(self) -> None:
+        stores = endpoints.problems(self.redis_url, self.broker, self.backend)
+        if stores:
+            raise SettingsError(stores)
         needed = self.longest_countdown + self.scaling.task_time_limit
         if self.scaling.visibility_timeout <= needed:
             raise SettingsError(
@@ -966,12 +996,13 @@ def _read(cls: type, env: Mapping[str, str], problems: list[str]) -> dict[str, A
             continue
         try:
             value = parser.parse(raw)
-        except ValueError:
+        except ValueError as exc:
             if path is not None:
                 problems.append(f"{name}{FILE_SUFFIX} ({path}) does not hold {parser.accepts}")
             else:
                 shown = "<secret>" if secret else _shown(raw)
-                problems.append(f"{name}={shown}: expected {parser.accepts}")
+                why = f" ({exc})" if isinstance(exc, endpoints.BadEndpoint) else ""
+                problems.append(f"{name}={shown}: expected {parser.accepts}{why}")
             continue
         values[f.name] = Secret(value) if secret else value
     return values

@@ -36,7 +36,15 @@ from workers.resources import deadletters
 from workers.security.verifier import CONSUMED_FROM, JTI_SEEN, jti_of
 from workers.telemetry.metrics import metrics
 
-__all__ = ["GuardedChannel", "GuardedQoS", "GuardedTransport", "keep", "quarantine"]
+__all__ = [
+    "GuardedChannel",
+    "GuardedQoS",
+    "GuardedSentinelChannel",
+    "GuardedSentinelTransport",
+    "GuardedTransport",
+    "keep",
+    "quarantine",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -261,3 +269,16 @@ class GuardedTransport(kombu_redis.Transport):
     """kombu's Redis transport with `GuardedChannel`."""
 
     Channel = GuardedChannel
+
+
+class GuardedSentinelChannel(GuardedChannel, kombu_redis.SentinelChannel):
+    """`GuardedChannel` on the master the sentinels name (asked again after a failover)."""
+
+
+class GuardedSentinelTransport(GuardedTransport):
+    """kombu's Sentinel transport with the poison guard (`sentinel://` brokers)."""
+
+    Channel = GuardedSentinelChannel
+    default_port = kombu_redis.SentinelTransport.default_port
+    driver_type = kombu_redis.SentinelTransport.driver_type
+    driver_name = kombu_redis.SentinelTransport.driver_name

@@ -34,6 +34,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import redis
+from redis.cluster import RedisCluster
 
 from policies import events, keys
 from policies.bulkhead.store import (
@@ -405,7 +406,7 @@ class Bulkhead:
         self.name = name
         self.config = config or BulkheadConfig()
         self.store: BulkheadStore = (
-            RedisBulkheadStore(store) if isinstance(store, redis.Redis) else store
+            RedisBulkheadStore(store) if isinstance(store, (redis.Redis, RedisCluster)) else store
         )
         self.emitter = emitter or events.default_emitter
         self._fallback: BulkheadStore = self.store if self.store.local else _local_store()

@@ -22,6 +22,7 @@ from policies.breaker import (
 from policies.errors import CircuitOpen
 from tests.kit import poll
 from workers.ops.embedded import EmbeddedRedis
+from workers.stores import connect
 
 pytestmark = pytest.mark.integration
 
@@ -32,7 +33,7 @@ PROCESSES, THREADS = 3, 4
 def _breaker(
     url: str, name: str, emitter: events.Emitter | None = None, **options: Any
 ) -> CircuitBreaker:
-    client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=1.0)
+    client = connect(url, socket_connect_timeout=0.5, socket_timeout=1.0)
     return CircuitBreaker(
         name, BreakerConfig(**options), RedisBreakerStore(client), emitter=emitter
     )
@@ -134,18 +135,19 @@ def _trip_now(url: str, name: str, **options: Any) -> CircuitBreaker:
 class TestFleet:
     """Several processes with several threads share one breaker through Redis."""
 
-    def test_opens_once_for_the_whole_fleet(self, redis_url: str, r: redis.Redis) -> None:
+    def test_opens_once_for_the_whole_fleet(self, store_url: str) -> None:
         name = f"fleet-{uuid.uuid4().hex[:8]}"
         barrier, out = SPAWN.Barrier(PROCESSES * THREADS), SPAWN.Queue()
-        procs = [_run(_failing_calls, redis_url, name, barrier, out) for _ in range(PROCESSES)]
+        procs = [_run(_failing_calls, store_url, name, barrier, out) for _ in range(PROCESSES)]
         results = [out.get(timeout=60) for _ in procs]
         for p in procs:
             p.join(10)
         assert sum(opened for _, opened, _ in results) == 1  # one closed->open, fleet-wide
         assert all(refused >= 3 for _, _, refused in results)  # every process saw it open
-        assert _breaker(redis_url, name).snapshot().trips == 1
+        assert _breaker(store_url, name).snapshot().trips == 1
 
-    def test_half_open_admits_exactly_k_trials(self, redis_url: str, r: redis.Redis) -> None:
+    def test_half_open_admits_exactly_k_trials(self, store_url: str) -> None:
+        redis_url = store_url
         name = f"trials-{uuid.uuid4().hex[:8]}"
         probe = _trip_now(redis_url, name, open_timeout=0.5)
         start, done, out = (

@@ -19,11 +19,13 @@ from policies.errors import BulkheadFull
 from policies.watch import feed_for
 from tests.kit import poll
 from workers.ops.embedded import EmbeddedRedis
+from workers.stores import connect
 
 pytestmark = pytest.mark.integration
 
 LIMIT, TTL = 4, 0.5
-COUNTER, HIGHEST, RESULTS = "test:bulkhead:inside", "test:bulkhead:highest", "test:bulkhead:results"
+# One hash tag: the ENTER script takes two of them (a cluster runs it on one slot).
+COUNTER, HIGHEST, RESULTS = "test:{bh}:inside", "test:{bh}:highest", "test:{bh}:results"
 # Enter/leave the critical section, keeping the highest number of holders ever inside.
 ENTER = """
 local n = redis.call('INCR', KEYS[1])
@@ -33,7 +35,7 @@ return n
 
 
 def _client(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=1.0)
+    return connect(url, socket_connect_timeout=0.5, socket_timeout=1.0)
 
 
 def _holder(url: str, bulkhead: Bulkhead, hold: float, start: threading.Barrier) -> None:
@@ -83,9 +85,10 @@ class TestFleetLimit:
     """A limit of 4 is never exceeded by 16 holders in 2 processes, even past the lease TTL."""
 
     def test_limit_holds_across_processes(
-        self, r: redis.Redis, redis_url: str, spawn: multiprocessing.context.SpawnContext
+        self, store_url: str, spawn: multiprocessing.context.SpawnContext
     ) -> None:
-        children = [spawn.Process(target=fleet_process, args=(redis_url, 8)) for _ in range(2)]
+        r = _client(store_url)
+        children = [spawn.Process(target=fleet_process, args=(store_url, 8)) for _ in range(2)]
         for child in children:
             child.start()
         for child in children:

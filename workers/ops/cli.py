@@ -100,7 +100,8 @@ def _cmd_degrade(args: argparse.Namespace) -> int:
 
 def _reachable() -> None:
     """Fail now, naming the problem, if the policies' Redis does not answer."""
-    wait_for_redis(get_settings().redis_url, deadline=2.0).close()
+    settings = get_settings()
+    wait_for_redis(settings.redis_url, deadline=2.0, master=settings.sentinel_master).close()
 
 
 def build_parser() -> argparse.ArgumentParser:

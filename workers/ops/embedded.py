@@ -20,6 +20,7 @@ import socket
 import subprocess
 import tempfile
 import urllib.parse
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -95,14 +96,20 @@ class EmbeddedRedis:
         binary: str | None = None,
         password: str | None = None,
         acl: Acl | None = None,
+        config: Sequence[str] = (),
+        port: int = 0,
     ) -> None:
         self.binary = binary or find_redis_server()
+        #: More `redis.conf` lines (`cluster-enabled yes`, `replicaof HOST PORT`, ...).
+        self.config = tuple(config)
         self.appendonly = appendonly
         #: If set, clients must authenticate (`url` carries it); with `acl`, the operator's.
         self.password = password
         self.acl = acl
         #: With `acl`: each user's password (generated at `start()`).
         self.passwords: dict[str, str] = {}
+        #: The port to listen on (0: a free one, picked at `start()`).
+        self.wanted_port = port
         self.port = 0
         self.dir: Path | None = None
         self.process: subprocess.Popen[bytes] | None = None
@@ -144,7 +151,7 @@ class EmbeddedRedis:
         self.dir = Path(tempfile.mkdtemp(prefix="bulwark-redis-"))
         self._write_config()
         for _attempt in range(5):
-            self.port = _free_port()
+            self.port = self.wanted_port or _free_port()
             self._spawn()
             try:
                 wait_for_redis(self.url, deadline).close()
@@ -170,7 +177,7 @@ class EmbeddedRedis:
     def _write_config(self) -> None:
         """The secrets of the server in its folder (mode 0600), never on its command line."""
         assert self.dir is not None
-        lines = []
+        lines = list(self.config)
         if self.password and self.acl is None:
             lines.append(f"requirepass {_conf_value(self.password)}")
         if self.acl is not None:

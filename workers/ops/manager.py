@@ -35,6 +35,7 @@ from policies.restart import RestartPolicy
 from workers.fleet import SUPERVISORS_INDEX, processes_key
 from workers.ops.scaling import STALE_AFTER, extra_command, extra_name, plan_changes
 from workers.scaling.fleet import read_decisions
+from workers.stores import connect
 
 __all__ = ["SupervisedManager"]
 
@@ -49,6 +50,7 @@ class SupervisedManager(Manager):  # type: ignore[misc]
         *,
         policy: RestartPolicy | None = None,
         redis_url: str | None = None,
+        sentinel_master: str = "mymaster",
         host: str | None = None,
         clock: Callable[[], float] = time.monotonic,
         scale_every: float = 15.0,
@@ -72,7 +74,12 @@ class SupervisedManager(Manager):  # type: ignore[misc]
         self.scale_every = scale_every
         self._scale_at = 0.0
         self._redis = (
-            redis.Redis.from_url(redis_url, socket_connect_timeout=1.0, socket_timeout=1.0)
+            connect(
+                redis_url,
+                master=sentinel_master,
+                socket_connect_timeout=1.0,
+                socket_timeout=1.0,
+            )
             if redis_url
             else None
         )

@@ -14,6 +14,8 @@ from workers.balancing import published
 from workers.caching import hit_ratios
 from workers.fleet import FleetSnapshot, HealthResult
 from workers.resources import policy_redis
+from workers.settings import get_settings
+from workers.stores import StoreHealth, check
 from workers.telemetry.health import HealthContext, in_check_order, run_checks, store_results, worst
 
 
@@ -130,17 +132,35 @@ def _snapshot(extra: Sequence[str] = ()) -> FleetSnapshot:
     return fleet.take(extra).require()
 
 
+def stores() -> list[StoreHealth]:
+    """The policy store, broker and result backend in use, each reached once."""
+    settings = get_settings()
+    roles = (("policy", settings.redis_url), ("broker", settings.broker),
+             ("backend", settings.backend))  # fmt: skip
+    return [check(role, url, master=settings.sentinel_master) for role, url in roles]
+
+
+def render_stores(found: Sequence[StoreHealth]) -> str:
+    rows = [(s.role, s.engine, s.url, "ok" if s.ok else f"DOWN: {s.error}") for s in found]
+    out: list[str] = []
+    _table(out, "STORES", ("role", "engine", "url", "health"), rows)
+    return "\n".join(out)
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     balances, problems = published(policy_redis())  # what the workers declared balanced
     snap = _snapshot([t for b in balances.values() for t in b.targets])
     caches = hit_ratios(policy_redis())
+    found = stores()
     if args.json:
         balancing = {name: {"strategy": b.strategy,
                             "backlog": {t: snap.queue(t).backlog for t in b.targets}}
                      for name, b in balances.items()}  # fmt: skip
         print(json.dumps({**snap.as_dict(), "caches": caches, "balancing": balancing,
+                          "stores": {s.role: s.as_dict() for s in found},
                           "problems": problems}, indent=2, default=str))  # fmt: skip
     else:
+        print(render_stores(found))
         print(render_status(snap, caches=caches, balances=balances))
         for problem in problems:
             print(f"! {problem}")

