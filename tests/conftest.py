@@ -21,7 +21,7 @@ from policies.clock import FakeClock
 from tests import kit
 from tests.events import Events
 from tests.kit import Worker
-from tests.topologies import Cluster
+from tests.topologies import Cluster, Sentinels
 from workers import balancing, guard, resources, settings
 from workers.client import client
 from workers.ops.embedded import EmbeddedRedis
@@ -89,15 +89,30 @@ def redis_cluster() -> Iterator[Cluster]:
     cluster.stop()
 
 
-@pytest.fixture(params=["redis", "cluster"])
-def store_url(request: pytest.FixtureRequest, redis_url: str) -> Iterator[str]:
-    """The policy store's URL, flushed first: the session's redis-server, then the
-    session's Redis Cluster (a test that takes it runs once on each)."""
+@pytest.fixture(scope="session")
+def redis_sentinels() -> Iterator[Sentinels]:
+    """A master and its replica, watched by three sentinels (master name "bulwark")."""
+    group = Sentinels().start()
+    yield group
+    group.stop()
+
+
+@pytest.fixture(params=["redis", "cluster", "sentinel"])
+def store_url(
+    request: pytest.FixtureRequest, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[str]:
+    """The policy store's URL, flushed first: the session's redis-server, its Redis Cluster,
+    then its sentinel-watched master (a test that takes it runs once on each). The
+    sentinel master's name is in the environment, for child processes."""
     if request.param == "redis":
         yield redis_url
         return
-    url = request.getfixturevalue("redis_cluster").url
-    client = connect(url)
+    if request.param == "cluster":
+        url = request.getfixturevalue("redis_cluster").url
+    else:
+        url = request.getfixturevalue("redis_sentinels").url
+        monkeypatch.setenv("BULWARK_SENTINEL_MASTER", Sentinels.NAME)
+    client = connect(url, master=Sentinels.NAME)
     client.flushall()  # every master
     yield url
     client.close()

@@ -153,7 +153,7 @@ class Worker:
             self.command, env=self.env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True,
         )  # fmt: skip
-        client = connect(self.redis_url)
+        client = connect(self.redis_url, master=self.env.get("BULWARK_SENTINEL_MASTER", "mymaster"))
         key = heartbeat_key(self.hostname)
 
         def ready() -> bool:

@@ -20,6 +20,10 @@ import redis
 from tests.kit import poll
 from workers.ops.embedded import EmbeddedRedis, _free_port, find_redis_server
 
+#: A master sends its data set to a new replica at once (Redis waits 5 s by default, to
+#: batch replicas): a failover test must not kill a master whose replica is still empty.
+REPLICATION = ("repl-diskless-sync-delay 0",)
+
 #: Milliseconds without an answer before a node (cluster) or master (sentinel) is
 #: considered down: short, so that a failover test takes seconds, not half a minute.
 DOWN_AFTER_MS = 1000
@@ -36,6 +40,15 @@ def cluster_port() -> int:
                 return port
         except OSError:
             continue
+
+
+def in_sync(port: int) -> bool:
+    """A master, or a replica whose link to its master is up and fully synced."""
+    with redis.Redis(port=port, socket_timeout=2) as client:
+        info = client.info("replication")
+    if info["role"] == "master":
+        return True
+    return bool(info.get("master_link_status") == "up" and not info.get("master_sync_in_progress"))
 
 
 def redis_cli() -> str:
@@ -58,6 +71,7 @@ class Cluster:
 
     def start(self) -> Cluster:
         config = (
+            *REPLICATION,
             "cluster-enabled yes",
             "cluster-config-file nodes.conf",
             f"cluster-node-timeout {DOWN_AFTER_MS}",
@@ -76,6 +90,8 @@ class Cluster:
                 check=True, capture_output=True, timeout=60,
             )  # fmt: skip
             poll(self.healthy, deadline=30, what="cluster_state:ok on every node")
+            poll(lambda: all(in_sync(n.port) for n in self.nodes), deadline=30,
+                 what="every replica in sync with its master")  # fmt: skip
         except BaseException:
             self.stop()
             raise
@@ -125,7 +141,10 @@ class Cluster:
 class Sentinels:
     """A master, a replica and three sentinels watching them as `name`."""
 
-    def __init__(self, name: str = "bulwark") -> None:
+    #: The master's name in the sentinels (BULWARK_SENTINEL_MASTER).
+    NAME = "bulwark"
+
+    def __init__(self, name: str = NAME) -> None:
         self.name = name
         self.master: EmbeddedRedis | None = None
         self.replica: EmbeddedRedis | None = None
@@ -135,9 +154,11 @@ class Sentinels:
 
     def start(self) -> Sentinels:
         try:
-            self.master = EmbeddedRedis().start()
+            self.master = EmbeddedRedis(config=REPLICATION).start()
             self.replica = EmbeddedRedis(config=(f"replicaof 127.0.0.1 {self.master.port}",))
             self.replica.start()
+            replica = self.replica.port
+            poll(lambda: in_sync(replica), deadline=30, what="the replica in sync")
             for _ in range(3):
                 self._start_sentinel()
             poll(self.ready, deadline=30, what="sentinels that see the master, its replica "

@@ -6,6 +6,7 @@ from typing import Any
 
 from celery.app.amqp import AMQP, Queues
 from kombu import Exchange, Queue
+from kombu.transport import TRANSPORT_ALIASES
 
 from workers import balancing
 from workers.settings import ALERTS_QUEUE, DEFAULT_QUEUE, Settings
@@ -56,13 +57,28 @@ def route_for(settings: Settings) -> Any:
 GUARDED_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
+#: kombu's transport names that `workers.transport` guards, and its transports for them.
+GUARDED_TRANSPORTS = {
+    "redis": "workers.transport:GuardedTransport",
+    "rediss": "workers.transport:GuardedTransport",
+    "sentinel": "workers.transport:GuardedSentinelTransport",
+}
+
+
 def transport_for(broker_url: str) -> dict[str, str]:
     """`broker_transport` for a Redis broker: kombu's Redis (or Sentinel) transport with
-    the poison guard. RabbitMQ keeps kombu's own (py-amqp)."""
+    the poison guard. RabbitMQ keeps kombu's own (py-amqp).
+
+    Celery's failover moves to the next URL of the broker's `;`-list (each sentinel of
+    a `sentinel://` broker) with the transport that URL's scheme names, not the
+    configured one: kombu's names for these schemes are pointed at the guarded
+    transports too, or a worker would consume unguarded after its first failover.
+    """
+    TRANSPORT_ALIASES.update(GUARDED_TRANSPORTS)
     if broker_url.startswith(GUARDED_SCHEMES):
-        return {"broker_transport": "workers.transport:GuardedTransport"}
+        return {"broker_transport": GUARDED_TRANSPORTS["redis"]}
     if broker_url.startswith("sentinel://"):
-        return {"broker_transport": "workers.transport:GuardedSentinelTransport"}
+        return {"broker_transport": GUARDED_TRANSPORTS["sentinel"]}
     return {}
 
 

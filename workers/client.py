@@ -38,6 +38,7 @@ PRODUCER_KEYS = (
     "task_create_missing_queues",
     "task_routes",
     "broker_transport_options",
+    "result_backend_transport_options",  # a sentinel:// backend's master name
     # A Redis broker's channel keeps one client (kombu's makes one per message sent).
     "broker_transport",
     "task_send_sent_event",

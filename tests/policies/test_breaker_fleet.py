@@ -21,6 +21,7 @@ from policies.breaker import (
 )
 from policies.errors import CircuitOpen
 from tests.kit import poll
+from tests.topologies import Sentinels
 from workers.ops.embedded import EmbeddedRedis
 from workers.stores import connect
 
@@ -33,7 +34,7 @@ PROCESSES, THREADS = 3, 4
 def _breaker(
     url: str, name: str, emitter: events.Emitter | None = None, **options: Any
 ) -> CircuitBreaker:
-    client = connect(url, socket_connect_timeout=0.5, socket_timeout=1.0)
+    client = connect(url, master=Sentinels.NAME, socket_connect_timeout=0.5, socket_timeout=1.0)
     return CircuitBreaker(
         name, BreakerConfig(**options), RedisBreakerStore(client), emitter=emitter
     )

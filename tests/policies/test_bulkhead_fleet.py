@@ -18,6 +18,7 @@ from policies.bulkhead.policy import FALLBACK_MODE
 from policies.errors import BulkheadFull
 from policies.watch import feed_for
 from tests.kit import poll
+from tests.topologies import Sentinels
 from workers.ops.embedded import EmbeddedRedis
 from workers.stores import connect
 
@@ -35,7 +36,7 @@ return n
 
 
 def _client(url: str) -> redis.Redis:
-    return connect(url, socket_connect_timeout=0.5, socket_timeout=1.0)
+    return connect(url, master=Sentinels.NAME, socket_connect_timeout=0.5, socket_timeout=1.0)
 
 
 def _holder(url: str, bulkhead: Bulkhead, hold: float, start: threading.Barrier) -> None:

@@ -1,0 +1,94 @@
+"""The whole fleet on Redis Sentinel (broker, result backend and policy store), with a real
+worker: tasks run end to end, and when the master is SIGKILLed mid-run the sentinels
+promote the replica, the worker reconnects, no task is lost and the breakers' state
+survives (the replica's copy)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from celery.result import AsyncResult
+from kombu.transport import resolve_transport
+from redis.sentinel import MasterNotFoundError
+
+from policies.breaker import list_breakers
+from tests.kit import Worker, poll
+from tests.topologies import Sentinels
+from workers.client import client
+from workers.settings import Settings
+from workers.stores import connect
+from workers.transport import GuardedSentinelTransport
+
+pytestmark = pytest.mark.integration
+
+FAST = {
+    "BULWARK_RETRY_BASE_DELAY": "0.05",
+    "BULWARK_RETRY_MAX_DELAY": "0.2",
+    "BULWARK_DEFER_MAX_DELAY": "0.5",
+    "BULWARK_BREAKER_TIMEOUT": "60",
+    "BULWARK_SENTINEL_MASTER": Sentinels.NAME,
+}
+
+
+def outcome(result: AsyncResult) -> Any:
+    """The task's result. Celery's result consumer raises while the master is gone
+    (ConnectionError, then MasterNotFoundError until the sentinels agree on a new one):
+    a caller asks again, as here."""
+
+    def got() -> Any:
+        try:
+            return result.get(timeout=30)
+        except (redis.ConnectionError, MasterNotFoundError):
+            return None
+
+    return poll(got, deadline=90, every=0.2, what=f"the result of {result.id}")
+
+
+def test_the_fleet_survives_a_master_failover(
+    r: redis.Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    group = Sentinels().start()  # its own: this test kills the master
+    try:
+        monkeypatch.setenv("BULWARK_SENTINEL_MASTER", Sentinels.NAME)
+        worker = Worker(
+            group.url, ["inventory"], name="sentinel", env=FAST, log=tmp_path / "worker.log"
+        ).start()
+        try:
+            settings = Settings.from_env({"REDIS_URL": group.url, **FAST})
+            app = client(settings)
+            assert app.conf.broker_transport_options["master_name"] == Sentinels.NAME
+            # A failover to the next sentinel URL stays on the guarded transport.
+            assert resolve_transport("sentinel") is GuardedSentinelTransport
+            first = app.send_task("inventory.reserve", args=["first", 1]).get(timeout=30)
+            assert first["sku"] == "first"
+            shared = connect(group.url, master=Sentinels.NAME)
+            assert any(b.name == "inventory" and b.window_calls for b in list_breakers(shared))
+            assert group.master is not None and group.replica is not None
+            old, new = group.master.port, group.replica.port
+
+            sent = [app.send_task("inventory.reserve", args=[f"a{i}", 1]) for i in range(20)]
+
+            def kill_after_five() -> None:
+                poll(lambda: sum(s.ready() for s in sent) >= 5, deadline=60, what="5 done")
+                assert group.master is not None
+                group.master.kill()
+
+            killer = threading.Thread(target=kill_after_five)
+            killer.start()
+            done = [outcome(result)["sku"] for result in sent]
+            killer.join()
+            assert done == [f"a{i}" for i in range(20)], "every task ran, none lost"
+            assert group.master_port() == new != old, "the sentinels promoted the replica"
+            # The breaker's state came over with the replica, and goes on there.
+            breakers = {b.name: b for b in list_breakers(shared)}
+            assert breakers["inventory"].window_calls >= 1
+            assert app.send_task("inventory.reserve", args=["after", 1]).get(timeout=30)
+        finally:
+            problems = worker.stop_and_check()
+        assert not problems, "\n".join(problems)
+    finally:
+        group.stop()
