@@ -20,6 +20,15 @@ import redis
 from tests.kit import poll
 from workers.ops.embedded import EmbeddedRedis, _free_port, find_redis_server
 
+#: Quick retries and deferrals, a breaker that stays open: the worker settings of the
+#: failover tests (tasks must finish within seconds of the failover).
+FAILOVER_ENV = {
+    "BULWARK_RETRY_BASE_DELAY": "0.05",
+    "BULWARK_RETRY_MAX_DELAY": "0.2",
+    "BULWARK_DEFER_MAX_DELAY": "0.5",
+    "BULWARK_BREAKER_TIMEOUT": "60",
+}
+
 #: A master sends its data set to a new replica at once (Redis waits 5 s by default, to
 #: batch replicas): a failover test must not kill a master whose replica is still empty.
 REPLICATION = ("repl-diskless-sync-delay 0",)

@@ -19,7 +19,7 @@ from policies import keys
 from policies.breaker import list_breakers
 from policies.deadletter import DeadLetterStore
 from tests.kit import Worker, poll
-from tests.topologies import Cluster
+from tests.topologies import FAILOVER_ENV, Cluster
 from workers.client import client
 from workers.ops.cli import main as bulwark
 from workers.settings import Settings
@@ -27,12 +27,7 @@ from workers.stores import connect
 
 pytestmark = pytest.mark.integration
 
-FAST = {
-    "BULWARK_RETRY_BASE_DELAY": "0.05",
-    "BULWARK_RETRY_MAX_DELAY": "0.2",
-    "BULWARK_DEFER_MAX_DELAY": "0.5",
-    "BULWARK_BREAKER_TIMEOUT": "60",
-}
+FAST = FAILOVER_ENV
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ from redis.sentinel import MasterNotFoundError
 
 from policies.breaker import list_breakers
 from tests.kit import Worker, poll
-from tests.topologies import Sentinels
+from tests.topologies import FAILOVER_ENV, Sentinels
 from workers.client import client
 from workers.settings import Settings
 from workers.stores import connect
@@ -25,13 +25,7 @@ from workers.transport import GuardedSentinelTransport
 
 pytestmark = pytest.mark.integration
 
-FAST = {
-    "BULWARK_RETRY_BASE_DELAY": "0.05",
-    "BULWARK_RETRY_MAX_DELAY": "0.2",
-    "BULWARK_DEFER_MAX_DELAY": "0.5",
-    "BULWARK_BREAKER_TIMEOUT": "60",
-    "BULWARK_SENTINEL_MASTER": Sentinels.NAME,
-}
+FAST = {**FAILOVER_ENV, "BULWARK_SENTINEL_MASTER": Sentinels.NAME}
 
 
 def outcome(result: AsyncResult) -> Any:
