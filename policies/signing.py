@@ -43,6 +43,7 @@ __all__ = [
     "check_message",
     "check_signed",
     "parse_claims",
+    "queue_of",
     "sign",
     "signed_headers",
     "verify_by",
@@ -66,8 +67,21 @@ def canonical(value: Any) -> bytes:
     ).encode("utf-8", "surrogatepass")
 
 
+#: Headers RabbitMQ adds on its way: dead-lettering (`x-death`, `x-first-death-*`,
+#: `x-last-death-*`, as a countdown passes the delay queues) and a quorum queue's
+#: redelivery count. The broker's bookkeeping, never what runs.
+BROKER_HEADERS = frozenset({"x-death", "x-delivery-count"})
+BROKER_HEADER_PREFIXES = ("x-first-death-", "x-last-death-")
+
+
 def signed_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in headers.items() if k not in UNSIGNED}
+    return {
+        k: v
+        for k, v in headers.items()
+        if k not in UNSIGNED
+        and k not in BROKER_HEADERS
+        and not (k.startswith("x-") and k.startswith(BROKER_HEADER_PREFIXES))
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +112,19 @@ def _input(
     )
 
 
+#: The prefix RabbitMQ's native delayed delivery (kombu) puts before a countdown's routing
+#: key: 28 binary digits of the delay, dot-separated. Bounded: matched in linear time.
+_DELAY_PREFIX = re.compile(r"(?:[01]\.){28}")
+
+
+def queue_of(routing_key: str) -> str:
+    """The queue a routing key names: without native delayed delivery's prefix, which
+    says how long RabbitMQ holds the message (its `eta` header, signed, says when it runs)
+    and is rewritten as it passes through the delay queues."""
+    found = _DELAY_PREFIX.match(routing_key)
+    return routing_key[found.end() :] if found else routing_key
+
+
 def sign(
     key: Ed25519PrivateKey,
     claims: Claims,
@@ -107,7 +134,7 @@ def sign(
     content_type: str,
 ) -> dict[str, Any]:
     """The `bulwark_sig` header value: the claims and their signature."""
-    signature = key.sign(_input(claims, headers, queue, body, content_type))
+    signature = key.sign(_input(claims, headers, queue_of(queue), body, content_type))
     return {**claims.as_dict(), "sig": base64.b64encode(signature).decode()}
 
 
@@ -218,6 +245,7 @@ def check_message(
     Returns what was verified, or the reason it is refused. The replay check (the
     jti, once fleet-wide) needs Redis and is the caller's.
     """
+    queue = queue_of(queue)
     checked = check_signed(
         trust,
         headers.get(SIG_HEADER),

@@ -8,7 +8,7 @@ from typing import Any
 from celery import Task
 
 from workers.app import app
-from workers.resources import broker_redis, policy_redis
+from workers.resources import broker, policy_redis
 from workers.settings import get_settings
 from workers.telemetry.alerts.dispatch import deliver, evaluate
 from workers.telemetry.alerts.sinks import SinkError
@@ -22,7 +22,7 @@ NOTIFY_MAX_RETRIES = 6
 def evaluate_alerts() -> dict[str, Any]:
     """Run the rules over the fleet; queue one `notify` per sink and due notification."""
     settings = get_settings()
-    result, out = evaluate(settings, policy_redis(), broker_redis())
+    result, out = evaluate(settings, policy_redis(), broker())
     for delivery in out:
         notify_alert.delay(delivery.sink, delivery.payload)
     # A group waiting out its group wait is due before the next beat tick: look again then.

@@ -21,7 +21,7 @@ from policies.clock import FakeClock
 from tests import kit
 from tests.events import Events
 from tests.kit import Worker
-from tests.topologies import Cluster, Sentinels
+from tests.topologies import Cluster, RabbitVhost, Sentinels
 from workers import balancing, guard, resources, settings
 from workers.client import client
 from workers.ops.embedded import EmbeddedRedis
@@ -95,6 +95,16 @@ def redis_sentinels() -> Iterator[Sentinels]:
     group = Sentinels().start()
     yield group
     group.stop()
+
+
+@pytest.fixture(scope="session")
+def rabbitmq() -> Iterator[RabbitVhost]:
+    """A vhost and user of the session's own on the machine's RabbitMQ (`.ci/run` starts
+    it when none runs), deleted at the end."""
+    kit.need(RabbitVhost.available(), "a RabbitMQ on 127.0.0.1:5672 and rabbitmqctl")
+    vhost = RabbitVhost().start()
+    yield vhost
+    vhost.stop()
 
 
 @pytest.fixture(params=["redis", "cluster", "sentinel"])

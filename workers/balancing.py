@@ -32,7 +32,7 @@ from policies import keys
 from policies.errors import PolicyConfigError
 from policies.routing import Balance, Balancer, decode, encode
 from workers.fleet import FleetSnapshot, read_fleet
-from workers.resources import broker_redis, policy_redis
+from workers.resources import broker, policy_redis
 from workers.settings import get_settings
 
 __all__ = [
@@ -260,7 +260,7 @@ def router() -> Router:
     global _router
     if _router is None:
         _router = Router(
-            lambda queues: read_fleet(policy_redis(), broker_redis(), queues),
+            lambda queues: read_fleet(policy_redis(), broker(), queues),
             get_settings().scaling.balance_refresh,
             lambda: published(policy_redis()),
         )

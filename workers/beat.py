@@ -31,7 +31,7 @@ from celery.beat import PersistentScheduler, ScheduleEntry
 
 from policies.leader import DEPOSED, RAN_ALREADY, Leadership, slot_of
 from workers.fleet import read_fleet
-from workers.resources import broker_redis, policy_redis
+from workers.resources import broker, policy_redis
 from workers.scaling.fleet import FleetScaler
 from workers.scaling.groups import read_groups
 from workers.settings import get_settings
@@ -103,7 +103,7 @@ class LeaderScheduler(PersistentScheduler):  # type: ignore[misc]
                             ", ".join(g.name for g in groups) or "no worker group",
                             self._scale_every)  # fmt: skip
             scaler = self._scaler
-            decisions = scaler.step(read_fleet(policy_redis(), broker_redis(), scaler.queues))
+            decisions = scaler.step(read_fleet(policy_redis(), broker(), scaler.queues))
         except Exception as exc:  # Redis away, a Procfile that does not read: beat goes on
             logger.warning("beat: no fleet scaling decision this time: %s", exc)
             return

@@ -8,12 +8,41 @@ from celery.app.amqp import AMQP, Queues
 from kombu import Exchange, Queue
 from kombu.transport import TRANSPORT_ALIASES
 
+from policies import endpoints
 from workers import balancing
+from workers.amqp import DEAD_EXCHANGE
 from workers.settings import ALERTS_QUEUE, DEFAULT_QUEUE, Settings
 
 ALERTS_TASK_PREFIX = "bulwark.alerts."
 #: The one exchange of every Bulwark queue (direct: the routing key is the queue's name).
 EXCHANGE = Exchange("bulwark", type="direct")
+#: On RabbitMQ: topic (the routing key is still the queue's name), as Celery's native
+#: delayed delivery sends countdowns through a topic exchange and refuses a direct one.
+AMQP_EXCHANGE = Exchange("bulwark", type="topic", durable=True)
+
+
+def rabbitmq(settings: Settings) -> bool:
+    """Whether the broker is RabbitMQ."""
+    return endpoints.parse(settings.broker).kind == "amqp"
+
+
+def queue_for(settings: Settings, name: str) -> Queue:
+    """The kombu queue `name` on this broker: on Redis a list; on RabbitMQ a durable quorum
+    queue (or a classic one with priorities) that dead-letters into `bulwark.dead`."""
+    if not rabbitmq(settings):
+        return Queue(name, EXCHANGE, routing_key=name)
+    scaling = settings.scaling
+    arguments: dict[str, Any] = {"x-dead-letter-exchange": DEAD_EXCHANGE.name}
+    if scaling.amqp_queue_type == "quorum":
+        arguments |= {
+            "x-queue-type": "quorum",
+            # A message whose process keeps dying (SIGKILL, OOM) is dead-lettered after
+            # this many deliveries, not redelivered forever.
+            "x-delivery-limit": scaling.amqp_delivery_limit,
+        }
+    else:
+        arguments["x-max-priority"] = 9
+    return Queue(name, AMQP_EXCHANGE, routing_key=name, durable=True, queue_arguments=arguments)
 
 
 class BalancedQueues(Queues):  # type: ignore[misc]
@@ -23,7 +52,13 @@ class BalancedQueues(Queues):  # type: ignore[misc]
 
     def __missing__(self, name: str) -> Any:
         if any(name in b.targets for b in balancing.declared().values()):
-            return self.add(Queue(name, EXCHANGE, routing_key=name))
+            template = self.get(DEFAULT_QUEUE)  # same exchange and arguments as the others
+            if template is None:
+                return self.add(Queue(name, EXCHANGE, routing_key=name))
+            return self.add(
+                Queue(name, template.exchange, routing_key=name, durable=template.durable,
+                      queue_arguments=template.queue_arguments)
+            )  # fmt: skip
         return super().__missing__(name)
 
 
@@ -43,7 +78,7 @@ def route_for(settings: Settings) -> Any:
         if not (options or {}).get("queue"):  # not chosen yet
             balanced = balancing.router().queue_for(name, args, kwargs)
         if balanced is not None:  # a Queue, not a name: known even to a config built earlier
-            return {"queue": Queue(balanced, EXCHANGE, routing_key=balanced)}
+            return {"queue": queue_for(settings, balanced)}
         if name.startswith(ALERTS_TASK_PREFIX):
             return {"queue": ALERTS_QUEUE}
         head = name.split(".", 1)[0]
@@ -129,9 +164,10 @@ def build_config(settings: Settings) -> dict[str, Any]:
         # Queues: one per bulkhead, plus default, alerts and the dead-letter queue.
         "task_default_queue": DEFAULT_QUEUE,
         "task_default_exchange": exchange.name,
+        "task_default_exchange_type": (AMQP_EXCHANGE if rabbitmq(settings) else EXCHANGE).type,
         "task_default_routing_key": DEFAULT_QUEUE,
         # The queues of the settings, and the targets of every balanced task declared.
-        "task_queues": [Queue(q, exchange, routing_key=q) for q in queue_names(settings)],
+        "task_queues": [queue_for(settings, q) for q in queue_names(settings)],
         "task_create_missing_queues": False,
         "task_routes": (route_for(settings),),
         # kombu's Redis transport, refusing poison items instead of crashing on them.
@@ -149,6 +185,8 @@ def build_config(settings: Settings) -> dict[str, Any]:
             "socket_timeout": 30,
             "retry_on_timeout": True,
             **sentinel_options(settings.broker, settings.sentinel_master),
+            # RabbitMQ: a publish returns once the broker has the message (confirms).
+            **({"confirm_publish": True} if rabbitmq(settings) else {}),
         },
         "result_backend_transport_options": {
             "socket_connect_timeout": 5,

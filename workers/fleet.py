@@ -43,7 +43,8 @@ from policies.deadletter import DeadLetterStore
 from policies.degradation import ServiceState
 from policies.degradation.store import RedisDegradationStore
 from policies.index import decode_names, raise_error
-from workers.resources import broker_redis, policy_redis
+from workers.amqp import BROKER_ERRORS, AmqpBroker
+from workers.resources import broker, policy_redis
 from workers.security import refusals
 from workers.security.refusals import RefusalCount
 from workers.settings import DEADLETTER_QUEUE, get_settings
@@ -297,17 +298,21 @@ def _now(reply: Sequence[Any]) -> float:
     return float(seconds) + int(micros) / 1_000_000
 
 
-def read_fleet(policy: redis.Redis, broker: redis.Redis, queues: Iterable[str]) -> FleetSnapshot:
+def read_fleet(
+    policy: redis.Redis, broker: redis.Redis | AmqpBroker, queues: Iterable[str]
+) -> FleetSnapshot:
     """Read the fleet (three pipelined round trips); `up=False` with the error if Redis fails."""
     names = list(queues)
     try:
         return _read(policy, broker, names)
-    except redis.RedisError as exc:
-        logger.warning("fleet snapshot: Redis unreachable (%s)", exc)
+    except (redis.RedisError, *BROKER_ERRORS) as exc:
+        logger.warning("fleet snapshot: Redis or the broker unreachable (%s)", exc)
         return FleetSnapshot.unreadable(f"{type(exc).__name__}: {exc}", time.time())
 
 
-def _read(policy: redis.Redis, broker: redis.Redis, queues: list[str]) -> FleetSnapshot:
+def _read(
+    policy: redis.Redis, broker: redis.Redis | AmqpBroker, queues: list[str]
+) -> FleetSnapshot:
     letters = DeadLetterStore(policy)
     # 1. what exists, and the plain values
     pipe = policy.pipeline(transaction=False)
@@ -450,7 +455,11 @@ def _processes(replies: Sequence[Any]) -> tuple[ProcessState, ...]:
     return tuple(found)
 
 
-def _queues(broker: redis.Redis, names: list[str], now: float) -> tuple[QueueState, ...]:
+def _queues(
+    broker: redis.Redis | AmqpBroker, names: list[str], now: float
+) -> tuple[QueueState, ...]:
+    if isinstance(broker, AmqpBroker):  # RabbitMQ's own counts: ready only (see workers.amqp)
+        return tuple(QueueState(name=q, ready=n) for q, (n, _) in broker.depths(names).items())
     steps = len(PRIORITY_STEPS)
     pipe = broker.pipeline(transaction=False)
     for queue in names:
@@ -511,6 +520,4 @@ def take(extra: Sequence[str] = ()) -> FleetSnapshot:
     """A snapshot of this fleet: the settings' Redis servers and queues (and `extra`
     queues: a balanced task's targets)."""
     queues = get_settings().all_queues
-    return read_fleet(
-        policy_redis(), broker_redis(), queues + tuple(q for q in extra if q not in queues)
-    )
+    return read_fleet(policy_redis(), broker(), queues + tuple(q for q in extra if q not in queues))

@@ -24,6 +24,7 @@ from celery import signals
 
 from policies import endpoints
 from workers import balancing, listeners
+from workers.amqp import BROKER_ERRORS, declare_dead_letters
 from workers.fleet import WORKERS_INDEX, heartbeat_key
 from workers.resources import RedisUnavailable, policy_redis, wait_for_redis
 from workers.scaling import autoscaler
@@ -58,9 +59,25 @@ def _preflight() -> None:
             raise SystemExit(f"bulwark: {exc}") from None
 
 
-def _on_init(**_: Any) -> None:
+def _on_init(sender: Any = None, **_: Any) -> None:
     _preflight()
+    if sender is not None and sender.app.connection_for_write().transport.driver_type == "amqp":
+        _declare_on_rabbitmq(sender.app)
     listeners.ensure()  # before the pool forks: every child inherits the subscriptions
+
+
+def _declare_on_rabbitmq(app: Any) -> None:
+    """Declare every queue of the fleet, and `bulwark.dead`, before the consumer starts:
+    Celery's native delayed delivery binds all of them to its delay exchanges (not only
+    those this worker consumes), and a queue that does not exist fails the whole setup."""
+    try:
+        with app.connection_for_write() as connection:
+            declare_dead_letters(connection)
+            with connection.channel() as channel:
+                for queue in app.amqp.queues.values():
+                    queue.bind(channel).declare()
+    except BROKER_ERRORS as exc:
+        raise SystemExit(f"bulwark: cannot declare the queues on RabbitMQ: {exc}") from None
 
 
 def beat_once(hostname: str, queues: list[str], ttl: float) -> None:

@@ -17,12 +17,14 @@ from typing import Any, Generic, TypeVar
 
 import redis
 
+from policies import endpoints
 from policies.breaker import BreakerConfig, CircuitBreaker, RedisBreakerStore, consecutive_failures
 from policies.budget import BudgetConfig, RedisBudgetStore, RetryBudget
 from policies.bulkhead import Bulkhead, BulkheadConfig
 from policies.deadletter import DeadLetterStore
 from policies.degradation import Degradation, DegradationConfig
 from policies.degradation.store import RedisDegradationStore
+from workers.amqp import AmqpBroker
 from workers.registry import Declaration, registry
 from workers.settings import get_settings
 from workers.stores import connect
@@ -31,6 +33,7 @@ T = TypeVar("T")
 
 __all__ = [
     "RedisUnavailable",
+    "broker",
     "broker_redis",
     "deadletters",
     "forget",
@@ -90,9 +93,26 @@ def policy_redis() -> redis.Redis:
 
 
 def broker_redis() -> redis.Redis:
-    """A Redis client on the broker (which may be another server than the policies')."""
+    """The Redis beside the broker: the broker itself when it is Redis (which may be another
+    server than the policies'); the policy store when the broker is RabbitMQ. It keeps
+    what must outlive a policy store outage: seen message ids, the demo's dependencies."""
     settings = get_settings()
+    if endpoints.parse(settings.broker).kind == "amqp":
+        return policy_redis()
     return _client(settings.broker, os.getpid(), settings.sentinel_master)
+
+
+@functools.cache
+def _amqp(url: str, pid: int) -> AmqpBroker:
+    return AmqpBroker(url)
+
+
+def broker() -> redis.Redis | AmqpBroker:
+    """The broker, for its queue depths and health: a Redis client, or `AmqpBroker`."""
+    settings = get_settings()
+    if endpoints.parse(settings.broker).kind == "amqp":
+        return _amqp(settings.broker, os.getpid())
+    return broker_redis()
 
 
 def deadletters() -> DeadLetterStore:

@@ -732,6 +732,20 @@ class ScalingSettings:
         "seconds the leading beat holds its lock unrenewed: a standby beat takes over "
         "within this after the leader dies",
     )
+    amqp_queue_type: str = setting(
+        "BULWARK_AMQP_QUEUE_TYPE",
+        _choice("quorum", "classic"),
+        "quorum",
+        "RabbitMQ broker only: quorum queues (replicated; countdowns by native delayed "
+        "delivery; no priorities before RabbitMQ 4) or classic (priorities 0-9)",
+    )
+    amqp_delivery_limit: int = setting(
+        "BULWARK_AMQP_DELIVERY_LIMIT",
+        _int(1),
+        10,
+        "RabbitMQ quorum queues: deliveries of one message (each crash of the process "
+        "running it) before RabbitMQ dead-letters it to bulwark.dead",
+    )
     visibility_timeout: float = setting(
         "BULWARK_VISIBILITY_TIMEOUT",
         _seconds(),

@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from policies.authz import Grant
-from policies.signing import SIG_HEADER, Claims, check_message, parse_claims, sign
+from policies.signing import SIG_HEADER, Claims, check_message, parse_claims, queue_of, sign
 from policies.trust import Identity, KeyEntry, TrustError, TrustStore, key_id
 
 KEY = Ed25519PrivateKey.generate()
@@ -62,6 +62,26 @@ def test_unsigned_headers_may_change_in_transit() -> None:
     message = signed()
     message.update(redelivered=True, traceparent="00-abc", bulwark_sent_at=1.0)
     assert not isinstance(check(message), str)
+
+
+def test_rabbitmqs_own_headers_may_be_added_in_transit() -> None:
+    """Dead-lettering through the delay queues, and a quorum queue's redelivery count."""
+    message = signed()
+    message.update({"x-death": [{"count": 1}], "x-first-death-queue": "celery_delayed_2",
+                    "x-last-death-reason": "expired", "x-delivery-count": 2})  # fmt: skip
+    assert not isinstance(check(message), str)
+    message["x-deathly"] = "not RabbitMQ's"  # a look-alike is signed like any header
+    assert "bad signature" in check(message)
+
+
+DELAYED = ".".join("0" * 27 + "1") + ".payments"  # a 1 s countdown, native delayed delivery
+
+
+def test_a_countdowns_delay_prefix_is_not_the_queue() -> None:
+    assert queue_of(DELAYED) == "payments" == queue_of("payments")
+    assert queue_of("1.0.payments") == "1.0.payments"  # not the 28-digit prefix
+    assert not isinstance(check(signed(), queue=DELAYED), str)  # signed for "payments"
+    assert "bad signature" in check(signed(), queue=DELAYED.replace("payments", "default"))
 
 
 @pytest.mark.parametrize(

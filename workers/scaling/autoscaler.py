@@ -29,7 +29,7 @@ from celery.worker import autoscale, state
 
 from policies.autoscale import Decision, Scaler
 from workers.fleet import PoolState, read_fleet
-from workers.resources import broker_redis, policy_redis
+from workers.resources import broker, policy_redis
 from workers.scaling.load import Meter, QueuePolicies, config_for, fleet_load, policies_of
 from workers.settings import get_settings
 from workers.telemetry.metrics import metrics, runtime_totals
@@ -121,7 +121,7 @@ class Autoscaler(autoscale.Autoscaler):  # type: ignore[misc]
 
     def _decide(self, now: float) -> Decision:
         queues = self._queues()
-        snapshot = read_fleet(policy_redis(), broker_redis(), queues).require()
+        snapshot = read_fleet(policy_redis(), broker(), queues).require()
         reserved, active = len(state.reserved_requests), len(state.active_requests)
         waiting_here = max(0, reserved - active)
         backlog = sum(snapshot.queue(q).backlog for q in queues) + waiting_here

@@ -22,6 +22,7 @@ import redis
 
 from policies.degradation import Level
 from workers import fleet
+from workers.amqp import AmqpBroker
 from workers.fleet import (
     HEALTH_LAST_RUN_KEY,
     HEALTH_RESULTS_KEY,
@@ -30,7 +31,7 @@ from workers.fleet import (
     HealthResult,
     HealthStatus,
 )
-from workers.resources import broker_redis, policy_redis
+from workers.resources import broker, policy_redis
 from workers.settings import get_settings
 
 #: Breaker states that refuse (some) calls.
@@ -48,7 +49,7 @@ class HealthContext:
     """What checks read: the two Redis servers (for PING), one fleet snapshot, thresholds."""
 
     policy: redis.Redis
-    broker: redis.Redis
+    broker: redis.Redis | AmqpBroker
     snapshot: FleetSnapshot
     backlog_threshold: int
     heartbeat_ttl: float
@@ -64,7 +65,7 @@ class HealthContext:
         obs = get_settings().observability
         return cls(
             policy=policy_redis(),
-            broker=broker_redis(),
+            broker=broker(),
             snapshot=fleet.take(),
             backlog_threshold=obs.health_backlog_threshold,
             heartbeat_ttl=obs.heartbeat_ttl,

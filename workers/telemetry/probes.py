@@ -20,8 +20,9 @@ import redis
 from celery import signals
 
 from workers import beat, fleet
+from workers.amqp import BROKER_ERRORS
 from workers.celeryconfig import queue_names
-from workers.resources import broker_redis, policy_redis
+from workers.resources import broker, policy_redis
 from workers.scaling.fleet import read_decisions, scaling_document
 from workers.settings import get_settings
 from workers.telemetry.fleet_metrics import FleetCollector
@@ -63,8 +64,8 @@ class WorkerProbe:
         if getattr(self.consumer, "task_consumer", None) is None:
             problems.append("not consuming")
         try:
-            broker_redis().ping()
-        except redis.RedisError as exc:
+            broker().ping()
+        except (redis.RedisError, *BROKER_ERRORS) as exc:
             problems.append(f"broker unreachable: {exc}")
         if problems:
             return Response.json(503, {"status": "not ready", "problems": problems})
@@ -79,8 +80,8 @@ def beat_liveness() -> Response:
 def beat_readiness() -> Response:
     try:
         policy_redis().ping()
-        broker_redis().ping()
-    except redis.RedisError as exc:
+        broker().ping()
+    except (redis.RedisError, *BROKER_ERRORS) as exc:
         return Response.json(503, {"status": "not ready", "problems": [str(exc)]})
     return Response.json(200, {"status": "ready"})
 
@@ -115,7 +116,7 @@ def serve(process: str, probes: dict[str, Route], *, with_fleet: bool = False) -
 
 def _take() -> fleet.FleetSnapshot:
     """The fleet snapshot beat serves: the settings' queues and every balanced target."""
-    return fleet.read_fleet(policy_redis(), broker_redis(), queue_names(get_settings()))
+    return fleet.read_fleet(policy_redis(), broker(), queue_names(get_settings()))
 
 
 def _on_worker_ready(sender: Any = None, **_: Any) -> None:

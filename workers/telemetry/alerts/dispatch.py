@@ -8,6 +8,7 @@ from typing import Any
 
 import redis
 
+from workers.amqp import AmqpBroker
 from workers.fleet import FleetSnapshot, read_fleet
 from workers.settings import Settings
 from workers.telemetry.alerts.plan import AlertConfig, Plan
@@ -122,7 +123,7 @@ def observe(store: AlertStore, snapshot: FleetSnapshot) -> Observation:
 def evaluate(
     settings: Settings,
     client: redis.Redis,
-    broker: redis.Redis,
+    broker: redis.Redis | AmqpBroker,
     rules: tuple[Rule, ...] | None = None,
 ) -> tuple[Plan, list[Delivery]]:
     """Snapshot the fleet, run the rules, update the alert state; return what to send."""

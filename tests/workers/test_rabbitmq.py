@@ -1,0 +1,123 @@
+"""RabbitMQ as the broker (a vhost of the session's own), the policies and results in
+Redis, with real workers: quorum queues, countdowns that wait in RabbitMQ instead of in
+a worker, queue depths from the broker's own counts, and no task lost when every
+connection to the broker is cut mid-run."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Celery
+
+from policies.breaker import list_breakers
+from tests.kit import Worker, poll
+from tests.topologies import FAILOVER_ENV, RabbitVhost
+from workers.client import client
+from workers.ops.cli import main as bulwark
+from workers.resources import policy_redis
+from workers.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+
+@contextlib.contextmanager
+def on_rabbitmq(
+    vhost: RabbitVhost,
+    redis_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    queues: tuple[str, ...] = ("inventory",),
+    concurrency: int = 2,
+    name: str = "rabbit",
+) -> Iterator[tuple[Worker, Celery]]:
+    """A worker on the RabbitMQ vhost (policies and results on the session's Redis), and a
+    client app with the same settings."""
+    env = {"CELERY_BROKER_URL": vhost.url, "CELERY_RESULT_BACKEND": redis_url}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)  # `bulwark status` in this process reads them
+    worker = Worker(
+        redis_url,
+        list(queues),
+        name=name,
+        concurrency=concurrency,
+        env={**env, **FAILOVER_ENV},
+        log=tmp_path / f"{name}.log",
+    ).start()
+    try:
+        yield worker, client(Settings.from_env({"REDIS_URL": redis_url, **env}))
+    finally:
+        problems = worker.stop_and_check()
+    assert not problems, "\n".join(problems)
+
+
+def reserve(app: Celery, sku: str, **options: Any) -> Any:
+    return app.send_task("inventory.reserve", args=[sku, 1], **options)
+
+
+class TestRabbitMQBroker:
+    def test_tasks_run_on_quorum_queues_and_status_reads_the_broker(
+        self, rabbitmq: RabbitVhost, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        with on_rabbitmq(rabbitmq, redis_url, tmp_path, monkeypatch) as (_worker, app):
+            assert app.conf.broker_transport_options["confirm_publish"] is True
+            done = [reserve(app, f"s{i}").get(timeout=30)["sku"] for i in range(10)]
+            assert done == [f"s{i}" for i in range(10)]
+            # The policies stayed in Redis: the breaker saw the calls.
+            assert any(
+                b.name == "inventory" and b.window_calls for b in list_breakers(policy_redis())
+            )
+            queues = rabbitmq.queues()
+            assert queues["inventory"][0] == "quorum"
+            assert queues["bulwark.dead"][0] == "quorum"  # the dead-letter queue, declared
+
+            # Work for a queue nobody consumes waits in RabbitMQ; status reads its count.
+            for i in range(3):
+                app.send_task("payments.charge", args=[f"o{i}", 100])
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                assert bulwark(["status", "--json"]) == 0
+            status = json.loads(out.getvalue())
+            ready = {q["name"]: q["ready"] for q in status["queues"]}
+            assert ready["payments"] == 3  # a passive declare: RabbitMQ's count, at once
+            assert status["stores"]["broker"]["engine"] == "rabbitmq"
+            assert status["stores"]["broker"]["ok"] and "***" in status["stores"]["broker"]["url"]
+
+    def test_a_countdown_waits_in_rabbitmq_not_in_the_worker(
+        self, rabbitmq: RabbitVhost, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        with on_rabbitmq(
+            rabbitmq, redis_url, tmp_path, monkeypatch, concurrency=1, name="delay"
+        ) as (_worker, app):
+            later = reserve(app, "later", countdown=4)
+            # A worker holding the countdown task would use its one prefetch slot with
+            # it: these run at once because the message waits in RabbitMQ's delay queues.
+            now = [reserve(app, f"now{i}") for i in range(3)]
+            assert [r.get(timeout=20)["sku"] for r in now] == ["now0", "now1", "now2"]
+            assert later.state == "PENDING"
+
+            def delayed() -> int:  # rabbitmqctl's counts are refreshed every few seconds
+                queues = rabbitmq.queues().items()
+                return sum(ready for n, (_t, ready) in queues if n.startswith("celery_delayed"))
+
+            assert (
+                later.state == "PENDING"
+                and poll(delayed, deadline=10, what="the delayed message") == 1
+            )
+            assert later.get(timeout=30)["sku"] == "later"
+
+    def test_no_task_is_lost_when_the_broker_drops_every_connection(
+        self, rabbitmq: RabbitVhost, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        with on_rabbitmq(rabbitmq, redis_url, tmp_path, monkeypatch, name="cut") as (_w, app):
+            sent = [reserve(app, f"a{i}") for i in range(30)]
+            poll(lambda: sum(r.ready() for r in sent) >= 5, deadline=30, what="5 done")
+            rabbitmq.close_connections()
+            done = [r.get(timeout=60)["sku"] for r in sent]
+            assert done == [f"a{i}" for i in range(30)], "every task ran, none lost"
