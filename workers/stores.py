@@ -24,8 +24,9 @@ from redis.sentinel import Sentinel
 
 from policies import endpoints
 from workers.secrets import hide_password
+from workers.settings import Settings
 
-__all__ = ["StoreHealth", "check", "connect", "describe"]
+__all__ = ["StoreHealth", "check", "check_all", "connect", "describe"]
 
 
 def connect(url: str, *, master: str = "mymaster", **options: Any) -> redis.Redis:
@@ -94,3 +95,10 @@ def check(role: str, url: str, *, master: str = "mymaster", timeout: float = 2.0
     except Exception as exc:  # any failure is the answer, shown to the operator
         return StoreHealth(role, engine, hide_password(url), False, f"{type(exc).__name__}: {exc}")
     return StoreHealth(role, engine, hide_password(url), True)
+
+
+def check_all(settings: Settings) -> list[StoreHealth]:
+    """The policy store, broker and result backend in use, each reached once."""
+    roles = (("policy", settings.redis_url), ("broker", settings.broker),
+             ("backend", settings.backend))  # fmt: skip
+    return [check(role, url, master=settings.sentinel_master) for role, url in roles]

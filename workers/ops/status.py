@@ -15,7 +15,7 @@ from workers.caching import hit_ratios
 from workers.fleet import FleetSnapshot, HealthResult
 from workers.resources import policy_redis
 from workers.settings import get_settings
-from workers.stores import StoreHealth, check
+from workers.stores import StoreHealth, check_all
 from workers.telemetry.health import HealthContext, in_check_order, run_checks, store_results, worst
 
 
@@ -132,14 +132,6 @@ def _snapshot(extra: Sequence[str] = ()) -> FleetSnapshot:
     return fleet.take(extra).require()
 
 
-def stores() -> list[StoreHealth]:
-    """The policy store, broker and result backend in use, each reached once."""
-    settings = get_settings()
-    roles = (("policy", settings.redis_url), ("broker", settings.broker),
-             ("backend", settings.backend))  # fmt: skip
-    return [check(role, url, master=settings.sentinel_master) for role, url in roles]
-
-
 def render_stores(found: Sequence[StoreHealth]) -> str:
     rows = [(s.role, s.engine, s.url, "ok" if s.ok else f"DOWN: {s.error}") for s in found]
     out: list[str] = []
@@ -151,7 +143,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     balances, problems = published(policy_redis())  # what the workers declared balanced
     snap = _snapshot([t for b in balances.values() for t in b.targets])
     caches = hit_ratios(policy_redis())
-    found = stores()
+    found = check_all(get_settings())
     if args.json:
         balancing = {name: {"strategy": b.strategy,
                             "backlog": {t: snap.queue(t).backlog for t in b.targets}}

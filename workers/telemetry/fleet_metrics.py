@@ -44,6 +44,7 @@ from workers import balancing
 from workers.fleet import SEVERITY, FleetSnapshot
 from workers.scaling.fleet import read_decisions
 from workers.security.refusals import KINDS
+from workers.stores import StoreHealth
 
 BREAKER_STATES = ("closed", "half_open", "open", "forced_open", "disabled", "metrics_only")
 
@@ -212,8 +213,12 @@ class FleetCollector:
         take: Callable[[], FleetSnapshot],
         interval: float,
         scaling: Callable[[], redis.Redis] | None = None,
+        stores: Callable[[], list[StoreHealth]] | None = None,
     ) -> None:
         self.take = take
+        #: Checks the three stores, as often as the snapshot is taken (None: not served).
+        self.stores = stores
+        self._stores: list[StoreHealth] = []
         #: Gives the client the fleet scaler's decisions are read with (None: not served).
         self.scaling = scaling
         self.interval = interval
@@ -226,6 +231,8 @@ class FleetCollector:
         with self._lock:
             if self._snapshot is None or time.monotonic() - self._at >= self.interval:
                 self._snapshot = self.take()
+                if self.stores is not None:
+                    self._stores = self.stores()
                 self._at = time.monotonic()
                 if self._snapshot.up:
                     self.utilisation.update(self._snapshot)
@@ -234,6 +241,14 @@ class FleetCollector:
     def collect(self) -> Iterator[Any]:
         snap = self.snapshot()
         yield from fleet_families(snap)
+        if self.stores is not None:
+            yield _gauge(
+                "bulwark_store_up",
+                "1 if the store answered its last check; role: policy, broker or backend; "
+                "engine: redis, redis sentinel, redis cluster or rabbitmq",
+                ["role", "engine"],
+                [(s.role, s.engine.split(" (")[0], int(s.ok)) for s in self._stores],
+            )
         if snap.up:
             yield from self.utilisation.families(snap)
             if self.scaling is not None:

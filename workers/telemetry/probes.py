@@ -25,6 +25,7 @@ from workers.celeryconfig import queue_names
 from workers.resources import broker, policy_redis
 from workers.scaling.fleet import read_decisions, scaling_document
 from workers.settings import get_settings
+from workers.stores import check_all
 from workers.telemetry.fleet_metrics import FleetCollector
 from workers.telemetry.http import Response, Route, Server
 from workers.telemetry.metrics import beat_process_name, exposition
@@ -94,7 +95,14 @@ def serve(process: str, probes: dict[str, Route], *, with_fleet: bool = False) -
     global _server
     obs = get_settings().observability
     collector = (
-        FleetCollector(_take, obs.metrics_interval, scaling=policy_redis) if with_fleet else None
+        FleetCollector(
+            _take,
+            obs.metrics_interval,
+            scaling=policy_redis,
+            stores=lambda: check_all(get_settings()),
+        )
+        if with_fleet
+        else None
     )
 
     def metrics_route() -> Response:

@@ -88,17 +88,26 @@ def compose_cli() -> list[str] | None:
     return ["docker-compose"] if shutil.which("docker-compose") else None
 
 
-def test_compose_file_validates() -> None:
+@pytest.mark.parametrize("profile", [None, "sentinel", "rabbitmq"])
+def test_compose_file_validates(profile: str | None) -> None:
+    """The default fleet, and each engine's profile with its env file (`deploy/compose`)."""
     cli = compose_cli()
     need(cli, "no docker compose CLI here")
     assert cli is not None
+    extra = []
+    if profile is not None:
+        extra = ["--env-file", str(ROOT / "deploy" / "compose" / f"{profile}.env"),
+                 "--profile", profile]  # fmt: skip
     done = subprocess.run(
-        [*cli, "-f", str(ROOT / "docker-compose.yml"), "config", "-q"],
+        [*cli, "-f", str(ROOT / "docker-compose.yml"), *extra, "config"],
         capture_output=True,
         text=True,
         env={"BULWARK_FLOWER_PASSWORD": "x", "PATH": "/usr/bin:/bin"},
     )
     assert done.returncode == 0, done.stderr
+    if profile is not None:  # the fleet's URLs point at the profile's engine
+        assert ("sentinel://sentinel-1:26379" if profile == "sentinel"
+                else "amqp://bulwark:bulwark@rabbitmq:5672/bulwark") in done.stdout  # fmt: skip
 
 
 def test_kubernetes_runs_and_keda_scales_every_worker_group() -> None:

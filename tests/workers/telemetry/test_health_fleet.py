@@ -78,6 +78,8 @@ class TestFleetHealth:
 
         s = poll(exported, deadline=30, what="health status exported by beat")
         assert s[("bulwark_fleet_up", frozenset())] == 1
+        for role in ("policy", "broker", "backend"):  # which store, and that it answers
+            assert s[("bulwark_store_up", frozenset({("role", role), ("engine", "redis")}))] == 1
         assert s[("bulwark_health_status", frozenset({("check", "redis")}))] == 0
         assert s[("bulwark_health_status", frozenset({("check", "workers")}))] == 1
         assert s[("bulwark_queue_depth", frozenset({("queue", "payments")}))] == 0
