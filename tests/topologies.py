@@ -145,6 +145,33 @@ class Cluster:
                         return next(n for n in self.nodes if n.port == port)
         raise LookupError(f"no live node serves {key!r}")
 
+    def migrate(self, key: str) -> EmbeddedRedis:
+        """Move `key`'s slot, keys and all, to another master, as `redis-cli --cluster
+        reshard` does (IMPORTING/MIGRATING, MIGRATE in batches, SETSLOT NODE on every
+        master); clients meet ASK then MOVED meanwhile. Returns the new owner."""
+        source = self.master_of(key)
+        target = next(n for n in self._masters() if n.port != source.port)
+        with redis.Redis(port=source.port) as src, redis.Redis(port=target.port) as dst:
+            slot = int(src.execute_command("CLUSTER KEYSLOT", key))
+            src_id, dst_id = (c.execute_command("CLUSTER MYID") for c in (src, dst))
+            dst.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", src_id)
+            src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", dst_id)
+            while keys := src.execute_command("CLUSTER GETKEYSINSLOT", slot, 10):
+                src.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000,
+                                    "KEYS", *keys)  # fmt: skip
+            for node in self._masters():
+                with redis.Redis(port=node.port) as client:
+                    client.execute_command("CLUSTER SETSLOT", slot, "NODE", dst_id)
+        return target
+
+    def _masters(self) -> list[EmbeddedRedis]:
+        found = []
+        for node in self.live:
+            with redis.Redis(port=node.port, socket_timeout=2) as client:
+                if client.info("replication")["role"] == "master":
+                    found.append(node)
+        return found
+
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()

@@ -167,9 +167,8 @@ class TestFleet:
             p.join(10)
         assert probe.snapshot().state == "closed"
 
-    def test_a_killed_holders_trial_slot_frees_after_its_ttl(
-        self, redis_url: str, r: redis.Redis
-    ) -> None:
+    def test_a_killed_holders_trial_slot_frees_after_its_ttl(self, store_url: str) -> None:
+        redis_url = store_url
         name = f"kill-{uuid.uuid4().hex[:8]}"
         probe = _trip_now(redis_url, name, open_timeout=0.3, success_threshold=1, trial_ttl=1.5)
         poll(lambda: probe.snapshot().retry_after == 0, deadline=10, what="open timeout over")
@@ -188,7 +187,9 @@ class TestFleet:
         probe.record(permit, success=True)
         assert probe.snapshot().state == "closed"
 
-    def test_open_state_reaches_another_process(self, redis_url: str, r: redis.Redis) -> None:
+    def test_open_state_reaches_another_process(self, store_url: str) -> None:
+        """Through the change feed: pub/sub on one Redis, a cluster, a sentinel master."""
+        redis_url = store_url
         name = f"feed-{uuid.uuid4().hex[:8]}"
         here = _breaker(redis_url, name, events.Emitter(), trip=consecutive_failures(2))
         here.record(here.acquire())

@@ -6,9 +6,10 @@ import multiprocessing
 import threading
 
 import pytest
-import redis
 
 from policies.budget import BudgetConfig, RedisBudgetStore, RetryBudget
+from tests.topologies import Sentinels
+from workers.stores import connect
 
 pytestmark = pytest.mark.integration
 
@@ -18,7 +19,7 @@ GRANTED = "test:budget:granted"
 
 def spender_process(url: str, threads: int, tries: int, start: object) -> None:
     """One worker process: `threads` threads each trying to spend `tries` retries."""
-    client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=2.0)
+    client = connect(url, master=Sentinels.NAME, socket_connect_timeout=0.5, socket_timeout=2.0)
     budget = RetryBudget("fleet", CONFIG, store=RedisBudgetStore(client))
     barrier = threading.Barrier(threads)
     counts = [0] * threads
@@ -40,7 +41,8 @@ def spender_process(url: str, threads: int, tries: int, start: object) -> None:
 class TestBudgetFleet:
     """Two processes of eight threads each never spend more than the shared allowance."""
 
-    def test_cap_holds_with_concurrent_spenders(self, r: redis.Redis, redis_url: str) -> None:
+    def test_cap_holds_with_concurrent_spenders(self, store_url: str) -> None:
+        redis_url, r = store_url, connect(store_url, master=Sentinels.NAME)
         budget = RetryBudget("fleet", CONFIG, store=RedisBudgetStore(r))
         budget.record_call(100)  # allowance: 5 + 0.2 * 100 = 25
         ctx = multiprocessing.get_context("spawn")

@@ -13,14 +13,16 @@ from policies.degradation.store import RedisDegradationStore
 from policies.watch import feed_for
 from tests.kit import poll
 from tests.policies.test_degradation import count_steps
+from tests.topologies import Sentinels
+from workers.stores import connect
 
 pytestmark = pytest.mark.integration
 
-READY, SAW, ROUND_TRIPS = "test:degr:ready", "test:degr:saw", "test:degr:round-trips"
+READY, SAW, ROUND_TRIPS = "test:{degr}:ready", "test:{degr}:saw", "test:{degr}:round-trips"
 
 
 def _client(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=2.0)
+    return connect(url, master=Sentinels.NAME, socket_connect_timeout=0.5, socket_timeout=2.0)
 
 
 def watcher_process(url: str) -> None:
@@ -44,8 +46,9 @@ def watcher_process(url: str) -> None:
 class TestDegradationFleet:
     """A level set in one process is seen by another through pub/sub, with no reads meanwhile."""
 
-    def test_level_change_crosses_processes(self, r: redis.Redis, redis_url: str) -> None:
-        client = _client(redis_url)
+    def test_level_change_crosses_processes(self, store_url: str) -> None:
+        redis_url = store_url
+        client = r = _client(redis_url)
         d = Degradation("search", RedisDegradationStore(client))
         assert d.level() is Level.full
         proc = multiprocessing.get_context("spawn").Process(

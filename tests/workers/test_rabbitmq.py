@@ -14,10 +14,13 @@ from typing import Any
 
 import pytest
 from celery import Celery
+from kombu import Connection
 
 from policies.breaker import list_breakers
+from policies.deadletter import DeadLetterStore
 from tests.kit import Worker, poll
 from tests.topologies import FAILOVER_ENV, RabbitVhost
+from workers.amqp import AmqpBroker
 from workers.client import client
 from workers.ops.cli import main as bulwark
 from workers.resources import policy_redis
@@ -121,3 +124,36 @@ class TestRabbitMQBroker:
             rabbitmq.close_connections()
             done = [r.get(timeout=60)["sku"] for r in sent]
             assert done == [f"a{i}" for i in range(30)], "every task ran, none lost"
+
+
+#: Raw messages anyone with access to the vhost could publish: (body, content type,
+#: headers, what the dead letter's reason must say).
+HOSTILE = [
+    (b"not json", "application/json", {}, "body is not valid JSON"),
+    (b"\x80\x04K\x01.", "application/x-python-serialize",
+     {"task": "inventory.reserve", "id": "pickled"}, "only json is accepted"),
+    (b'[["x", 1], {}, {}]', "application/json",
+     {"task": "inventory.reserve", "id": "unsigned", "lang": "py"}, "message is not signed"),
+    (b'[["x", 1], {}, {}]', "application/json",
+     {"task": "inventory.reserve", "id": "bad-limit", "timelimit": "abc"}, "'timelimit'"),
+]  # fmt: skip
+
+
+class TestHostileOnRabbitMQ:
+    def test_malformed_messages_are_kept_and_the_worker_goes_on(
+        self, rabbitmq: RabbitVhost, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        with on_rabbitmq(rabbitmq, redis_url, tmp_path, monkeypatch, name="hostile") as (_w, app):
+            with Connection(rabbitmq.url) as connection:
+                producer = connection.Producer()
+                for body, content_type, headers, _why in HOSTILE:
+                    producer.publish(body, exchange="bulwark", routing_key="inventory",
+                                     content_type=content_type, content_encoding="utf-8",
+                                     headers=headers)  # fmt: skip
+            assert reserve(app, "after").get(timeout=30)["sku"] == "after"
+            store = DeadLetterStore(policy_redis())
+            poll(lambda: store.total() >= len(HOSTILE), deadline=30, what="all kept")
+            reasons = [letter.reason for letter in store.latest()]
+            for _body, _type, _headers, why in HOSTILE:
+                assert any(why in reason for reason in reasons), (why, reasons)
+            assert AmqpBroker(rabbitmq.url).depths(["inventory"])["inventory"] == (0, 1)

@@ -97,6 +97,27 @@ class TestPolicyStoreOnCluster:
         assert status["stores"]["policy"]["ok"] and status["stores"]["broker"]["ok"]
         assert worker.hostname in [w["hostname"] for w in status["workers"]]
 
+    def test_a_slot_migrating_mid_run_loses_nothing(
+        self, redis_cluster: Cluster, fleet: tuple[Worker, Celery]
+    ) -> None:
+        _worker, app = fleet
+        state_key = keys.key("breaker", "inventory", "state")
+        assert reserve(app, "first") == "first"
+        before = redis_cluster.master_of(state_key)
+        sent = [app.send_task("inventory.reserve", args=[f"m{i}", 1]) for i in range(30)]
+        poll(lambda: sum(s.ready() for s in sent) >= 5, deadline=30, what="5 done")
+        after = redis_cluster.migrate(state_key)  # the breaker's keys move, tasks running
+        done = [result.get(timeout=60)["sku"] for result in sent]
+        assert done == [f"m{i}" for i in range(30)], "every task ran, none lost"
+        assert redis_cluster.master_of(state_key).port == after.port != before.port
+        with redis.Redis(port=after.port) as node:
+            assert node.exists(state_key)  # the state moved with its slot...
+        shared = connect(redis_cluster.url)
+        calls = next(b.window_calls for b in list_breakers(shared) if b.name == "inventory")
+        assert reserve(app, "last") == "last"
+        # ... and the policies go on writing it there.
+        assert next(b.window_calls for b in list_breakers(shared) if b.name == "inventory") > calls
+
 
 class TestClusterFailover:
     def test_a_master_killed_mid_run_loses_no_task(
