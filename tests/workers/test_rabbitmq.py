@@ -18,13 +18,15 @@ from kombu import Connection
 
 from policies.breaker import list_breakers
 from policies.deadletter import DeadLetterStore
+from tasks.dependencies import dependency
 from tests.kit import Worker, poll
 from tests.topologies import FAILOVER_ENV, RabbitVhost
+from workers import resources
 from workers.amqp import AmqpBroker
 from workers.client import client
 from workers.ops.cli import main as bulwark
 from workers.resources import policy_redis
-from workers.settings import Settings
+from workers.settings import Settings, get_settings
 
 pytestmark = pytest.mark.integration
 
@@ -39,12 +41,15 @@ def on_rabbitmq(
     queues: tuple[str, ...] = ("inventory",),
     concurrency: int = 2,
     name: str = "rabbit",
+    extra: dict[str, str] | None = None,
 ) -> Iterator[tuple[Worker, Celery]]:
     """A worker on the RabbitMQ vhost (policies and results on the session's Redis), and a
-    client app with the same settings."""
-    env = {"CELERY_BROKER_URL": vhost.url, "CELERY_RESULT_BACKEND": redis_url}
+    client app with the same settings (and `extra` ones)."""
+    env = {"CELERY_BROKER_URL": vhost.url, "CELERY_RESULT_BACKEND": redis_url, **(extra or {})}
     for key, value in env.items():
         monkeypatch.setenv(key, value)  # `bulwark status` in this process reads them
+    get_settings.cache_clear()  # read before (the demo's dependency): read them again
+    resources.forget()
     worker = Worker(
         redis_url,
         list(queues),
@@ -157,3 +162,64 @@ class TestHostileOnRabbitMQ:
             for _body, _type, _headers, why in HOSTILE:
                 assert any(why in reason for reason in reasons), (why, reasons)
             assert AmqpBroker(rabbitmq.url).depths(["inventory"])["inventory"] == (0, 1)
+
+
+@pytest.fixture
+def own_vhost(rabbitmq: RabbitVhost) -> Iterator[RabbitVhost]:
+    """A vhost of the test's own: its queues take other arguments than the session's
+    (RabbitMQ refuses to declare a queue again with different ones)."""
+    vhost = RabbitVhost().start()
+    yield vhost
+    vhost.stop()
+
+
+class TestRabbitMQQueues:
+    def test_a_message_that_keeps_killing_its_worker_is_dead_lettered(
+        self,
+        own_vhost: RabbitVhost,
+        redis_url: str,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        limit = {"BULWARK_AMQP_DELIVERY_LIMIT": "1"}
+        gateway = dependency("inventory")
+        gateway.set_latency(60)  # the task is still running when its worker is killed
+        try:
+            for round_ in range(2):
+                with on_rabbitmq(own_vhost, redis_url, tmp_path, monkeypatch,
+                                 name=f"dies{round_}", extra=limit) as (worker, app):  # fmt: skip
+                    if round_ == 0:
+                        reserve(app, "poison")
+                    poll(lambda r=round_: gateway.calls() > r, deadline=30, what="running")
+                    worker.kill()  # SIGKILL: RabbitMQ gets the message back
+            broker = AmqpBroker(own_vhost.url)
+            # Returned twice with a delivery limit of 1: RabbitMQ dead-lettered it.
+            assert poll(broker.dead, deadline=10, what="the message in bulwark.dead") == 1
+            assert broker.depths(["inventory"])["inventory"][0] == 0
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                assert bulwark(["status"]) == 0
+            assert "RABBITMQ DEAD-LETTERED  1 in bulwark.dead" in out.getvalue()
+        finally:
+            gateway.set_latency(None)
+
+    def test_classic_queues_run_the_highest_priority_first(
+        self,
+        own_vhost: RabbitVhost,
+        redis_url: str,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        classic = {"BULWARK_AMQP_QUEUE_TYPE": "classic"}
+        env = {"REDIS_URL": redis_url, "CELERY_BROKER_URL": own_vhost.url, **classic}
+        app = client(Settings.from_env(env))
+        with app.connection_for_write() as connection:  # the queue, before any worker
+            app.amqp.queues["inventory"].bind(connection.default_channel).declare()
+        low = [reserve(app, f"low{i}", priority=0) for i in range(5)]
+        high = reserve(app, "high", priority=9)
+        with on_rabbitmq(own_vhost, redis_url, tmp_path, monkeypatch, concurrency=1,
+                         name="prio", extra=classic) as (_worker, _app):  # fmt: skip
+            for result in [high, *low]:
+                result.get(timeout=30)
+            order = sorted([high, *low], key=lambda r: r.date_done)
+        assert order[0].id == high.id, "the priority 9 task ran before the five at 0"

@@ -10,10 +10,11 @@ from typing import Any
 
 from policies.routing import Balance
 from workers import fleet
+from workers.amqp import DEAD_QUEUE, AmqpBroker
 from workers.balancing import published
 from workers.caching import hit_ratios
 from workers.fleet import FleetSnapshot, HealthResult
-from workers.resources import policy_redis
+from workers.resources import broker, policy_redis
 from workers.settings import get_settings
 from workers.stores import StoreHealth, check_all
 from workers.telemetry.health import HealthContext, in_check_order, run_checks, store_results, worst
@@ -144,15 +145,20 @@ def _cmd_status(args: argparse.Namespace) -> int:
     snap = _snapshot([t for b in balances.values() for t in b.targets])
     caches = hit_ratios(policy_redis())
     found = check_all(get_settings())
+    where = broker()
+    dead = where.dead() if isinstance(where, AmqpBroker) and snap.up else None
     if args.json:
         balancing = {name: {"strategy": b.strategy,
                             "backlog": {t: snap.queue(t).backlog for t in b.targets}}
                      for name, b in balances.items()}  # fmt: skip
         print(json.dumps({**snap.as_dict(), "caches": caches, "balancing": balancing,
                           "stores": {s.role: s.as_dict() for s in found},
+                          "rabbitmq_dead_lettered": dead,
                           "problems": problems}, indent=2, default=str))  # fmt: skip
     else:
         print(render_stores(found))
+        if dead is not None:  # RabbitMQ's own dead-lettering (delivery limit), apart
+            print(f"RABBITMQ DEAD-LETTERED  {dead} in {DEAD_QUEUE.name}\n")
         print(render_status(snap, caches=caches, balances=balances))
         for problem in problems:
             print(f"! {problem}")
