@@ -15,7 +15,7 @@ from policies.errors import PolicyConfigError
 from workers import balancing, lifecycle, quiet
 from workers.celeryconfig import build_config
 from workers.security import audit, results, sealed, signer
-from workers.settings import get_settings
+from workers.settings import SettingsError, get_settings
 from workers.task import ResilientTask
 from workers.telemetry import logs, metrics, probes, task_events, tracing
 
@@ -70,8 +70,17 @@ class Bulwark(Celery):  # type: ignore[misc]
         return self.subclass_with_self("workers.quiet:QuietWorker")
 
 
+def _config() -> dict[str, Any]:
+    """The app's configuration; a bad setting ends the process with its message (Celery
+    reads this lazily, deep in its start-up: a traceback would bury the message)."""
+    try:
+        return build_config(get_settings())
+    except SettingsError as exc:
+        raise SystemExit(f"bulwark: {exc}") from None
+
+
 app = Bulwark("bulwark", include=["tasks.catalogue", "tasks.beat", "tasks.health", "tasks.alerts"])
-app.add_defaults(lambda: build_config(get_settings()))
+app.add_defaults(_config)
 results.install(app)  # results are signed and verified (workers.security.results)
 
 # Signal handlers live with what they serve: lifecycle (preflight, listeners,

@@ -208,14 +208,14 @@ def _master_name() -> Parser:
 
 
 def _redis_url(kinds: tuple[str, ...] = _POLICY_STORES) -> Parser:
-    """A store URL of one of `kinds`; a TLS one must say how to check the server's
-    certificate (kombu would otherwise connect without checking it, with only a warning)."""
+    """A store URL (`kinds`: the engines this store may be); a TLS one must say how to
+    check the server's certificate (kombu would otherwise connect without checking it,
+    with only a warning). An engine this store cannot be is refused by
+    `endpoints.problems` (at `Settings.from_env`), which says why."""
 
     def parse(raw: str) -> str:
         value = raw.strip()
         endpoint = endpoints.parse(value)  # ValueError: the setting's message says what fits
-        if endpoint.kind not in kinds:
-            raise ValueError
         if endpoint.scheme in ("rediss", "rediss+cluster") and not cert_reqs(value):
             raise ValueError
         return value
