@@ -9,7 +9,6 @@ it again directly if the server answered NOSCRIPT.
 
 from __future__ import annotations
 
-import functools
 import threading
 import weakref
 from collections.abc import Sequence
@@ -24,10 +23,28 @@ from policies.clock import Clock
 __all__ = ["Queued", "ScriptedRedisStore", "Scripts", "reply_at", "source"]
 
 
-@functools.cache
+def _read_all() -> dict[str, str]:
+    folder = resources.files("policies").joinpath("lua")
+    return {
+        entry.name.removesuffix(".lua"): entry.read_text("utf-8")
+        for entry in folder.iterdir()
+        if entry.name.endswith(".lua")
+    }
+
+
+#: Every script's text, read once at import, before any pool process forks. Read later
+#: in a child, `importlib.resources` takes import locks; a child forked (by --autoscale,
+#: from the worker's main thread) while another thread of the parent held one of those
+#: waits for it forever: its first task hung, and so did the worker's warm shutdown.
+_SOURCES = _read_all()
+
+
 def source(name: str) -> str:
     """The text of `policies/lua/<name>.lua`."""
-    return resources.files("policies").joinpath("lua", f"{name}.lua").read_text("utf-8")
+    try:
+        return _SOURCES[name]
+    except KeyError:
+        raise KeyError(f"no script policies/lua/{name}.lua") from None
 
 
 @dataclass(slots=True)

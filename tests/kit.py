@@ -199,12 +199,14 @@ class Worker:
                 self.process.wait()
         return self.process.returncode
 
-    def stop_and_check(self) -> list[str]:
+    def stop_and_check(self, expected: tuple[str, ...] = ()) -> list[str]:
         """Stop, then what went wrong: an unclean exit, or a crash in the log.
 
         A crash is a raw traceback (printed outside the JSON log lines), a
         critical line, or Celery's "Unrecoverable error". A task's own failure is
-        logged as a JSON line with its exception inside: that is not a crash.
+        logged as a JSON line with its exception inside: that is not a crash. A
+        critical line whose message starts with one of `expected` is what the test
+        caused (a broker killed under an unacknowledged task: "Couldn't ack").
         """
         code = self.stop()
         if self.killed or self.process is None:
@@ -219,10 +221,11 @@ class Worker:
                 problems.append(f"worker {self.hostname} crashed: {line[:300]}")
             elif line.startswith("{"):
                 try:
-                    level = json.loads(line).get("level")
+                    entry = json.loads(line)
                 except ValueError:
                     continue
-                if level == "critical":
+                message = str(entry.get("message", ""))
+                if entry.get("level") == "critical" and not message.startswith(expected or "\0"):
                     problems.append(f"worker {self.hostname} logged critical: {line[:300]}")
         if problems:
             problems.append(f"log {self.log}:\n{self.log.read_text(errors='replace')[-3000:]}")

@@ -320,3 +320,85 @@ class RabbitVhost:
         for args in (("delete_user", self.name), ("delete_vhost", self.name)):
             with contextlib.suppress(subprocess.CalledProcessError):
                 self._ctl(*args)
+
+
+class RabbitNode:
+    """A RabbitMQ node of the test's own (`rabbitmq-server` on free loopback ports, its
+    data in a folder of its own), for tests that SIGKILL the broker and start it again.
+    It accepts `guest` from this host only, RabbitMQ's default."""
+
+    def __init__(self) -> None:
+        self.port = _free_port()
+        self.name = f"bulwark{self.port}@localhost"
+        self.folder = Path(tempfile.mkdtemp(prefix="bulwark-rabbit-"))
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def _env(self) -> dict[str, str]:
+        base = self.folder
+        return {
+            **os.environ,
+            "RABBITMQ_NODENAME": self.name,
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(_free_port()),
+            "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
+            "RABBITMQ_FEATURE_FLAGS_FILE": str(base / "feature_flags"),
+            "RABBITMQ_LOG_BASE": str(base / "log"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
+            "RABBITMQ_PID_FILE": str(base / "pid"),
+            "RABBITMQ_CONFIG_FILE": str(base / "none"),
+        }
+
+    def start(self) -> RabbitNode:
+        for sub in ("mnesia", "log"):
+            (self.folder / sub).mkdir(exist_ok=True)
+        (self.folder / "enabled_plugins").touch()
+        if os.geteuid() == 0:  # Debian's script runs the node as the rabbitmq user
+            shutil.chown(self.folder, "rabbitmq", "rabbitmq")
+            for path in self.folder.rglob("*"):
+                shutil.chown(path, "rabbitmq", "rabbitmq")
+        self._process = subprocess.Popen(
+            ["rabbitmq-server"], env=self._env(), cwd=self.folder, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+        # `await_startup` waits for a booting node, but fails at once while the node has
+        # not registered with epmd yet: ask again until it answers.
+        command = ["rabbitmqctl", "-n", self.name, "await_startup", "--timeout", "30"]
+        poll(lambda: subprocess.run(command, capture_output=True, timeout=60).returncode == 0,
+             deadline=60, every=0.5, what=f"RabbitMQ node {self.name} up")  # fmt: skip
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}//"
+
+    def pids(self) -> list[int]:
+        """The node's processes: the wrapper scripts, `su` and the Erlang VM (which runs in
+        a session of its own, under `su`), found by the node name in their environment."""
+        mark = f"RABBITMQ_NODENAME={self.name}".encode()
+        found = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    environ = (entry / "environ").read_bytes()
+                except OSError:
+                    continue
+                if mark in environ.split(b"\0"):
+                    found.append(int(entry.name))
+        return found
+
+    def kill(self) -> None:
+        """SIGKILL every process of the node, the Erlang VM first: no clean shutdown."""
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if self._process is not None:
+            self._process.wait()
+            self._process = None
+        poll(lambda: not self.pids(), deadline=10, what=f"{self.name} gone")
+
+    def stop(self) -> None:
+        if self._process is not None:
+            subprocess.run(["rabbitmqctl", "-n", self.name, "stop"], capture_output=True,
+                           timeout=60, check=False)  # fmt: skip
+        self.kill()
+        shutil.rmtree(self.folder, ignore_errors=True)

@@ -20,7 +20,7 @@ from policies.breaker import list_breakers
 from policies.deadletter import DeadLetterStore
 from tasks.dependencies import dependency
 from tests.kit import Worker, poll
-from tests.topologies import FAILOVER_ENV, RabbitVhost
+from tests.topologies import FAILOVER_ENV, RabbitNode, RabbitVhost
 from workers import resources
 from workers.amqp import AmqpBroker
 from workers.client import client
@@ -33,7 +33,7 @@ pytestmark = pytest.mark.integration
 
 @contextlib.contextmanager
 def on_rabbitmq(
-    vhost: RabbitVhost,
+    vhost: RabbitVhost | RabbitNode,
     redis_url: str,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -42,6 +42,7 @@ def on_rabbitmq(
     concurrency: int = 2,
     name: str = "rabbit",
     extra: dict[str, str] | None = None,
+    expected: tuple[str, ...] = (),
 ) -> Iterator[tuple[Worker, Celery]]:
     """A worker on the RabbitMQ vhost (policies and results on the session's Redis), and a
     client app with the same settings (and `extra` ones)."""
@@ -61,7 +62,7 @@ def on_rabbitmq(
     try:
         yield worker, client(Settings.from_env({"REDIS_URL": redis_url, **env}))
     finally:
-        problems = worker.stop_and_check()
+        problems = worker.stop_and_check(expected)
     assert not problems, "\n".join(problems)
 
 
@@ -223,3 +224,23 @@ class TestRabbitMQQueues:
                 result.get(timeout=30)
             order = sorted([high, *low], key=lambda r: r.date_done)
         assert order[0].id == high.id, "the priority 9 task ran before the five at 0"
+
+
+class TestRabbitMQCrash:
+    def test_the_broker_killed_and_restarted_loses_no_task(
+        self, rabbitmq: RabbitVhost, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """SIGKILL a RabbitMQ node of the test's own mid-run and start it again: quorum
+        queues keep what publisher confirms acknowledged, and the worker reconnects."""
+        node = RabbitNode().start()
+        try:
+            with on_rabbitmq(node, redis_url, tmp_path, monkeypatch, name="crash",
+                             expected=("Couldn't ack",)) as (_w, app):  # fmt: skip
+                sent = [reserve(app, f"k{i}") for i in range(30)]  # each publish confirmed
+                poll(lambda: sum(r.ready() for r in sent) >= 5, deadline=30, what="5 done")
+                node.kill()
+                node.start()
+                done = [r.get(timeout=90)["sku"] for r in sent]
+                assert done == [f"k{i}" for i in range(30)], "every task ran, none lost"
+        finally:
+            node.stop()

@@ -82,7 +82,9 @@ def test_the_fleet_survives_a_master_failover(
             assert breakers["inventory"].window_calls >= 1
             assert app.send_task("inventory.reserve", args=["after", 1]).get(timeout=30)
         finally:
-            problems = worker.stop_and_check()
+            # The acknowledgement of a task running as the master died is lost with it
+            # (Celery logs that as critical); the task runs again: nothing else may be.
+            problems = worker.stop_and_check(expected=("Couldn't ack",))
         assert not problems, "\n".join(problems)
     finally:
         group.stop()
