@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -96,12 +97,33 @@ def keep(letter: DeadLetter, broker: Any) -> DeadLetter | None:
     return None
 
 
+#: Deliveries this process could not settle while the broker was away (a failover, a
+#: restart): delivery tag -> "ack" (the task ran: drop its `unacked` entry) or "restore"
+#: (it did not: put it back on its queue). Settled by the next delivery, once the broker
+#: answers again; otherwise kombu would leave them in `unacked` for the whole visibility
+#: timeout (an hour by default) before anyone runs them.
+_unsettled: dict[str, str] = {}
+_unsettled_lock = threading.Lock()
+
+#: What a broker that went away raises.
+_GONE = (redis.ConnectionError, redis.TimeoutError)
+
+
+def unsettled() -> dict[str, str]:
+    """The deliveries waiting to be settled (a copy, for tests and logs)."""
+    with _unsettled_lock:
+        return dict(_unsettled)
+
+
 class GuardedQoS(kombu_redis.QoS):
     """Restores unacked messages, quarantining entries of the `unacked` hash that do not parse;
     notes each signed message's jti as delivered, and as done when it is acknowledged, in
-    the round trips that record and remove the delivery (`policies.replay`)."""
+    the round trips that record and remove the delivery (`policies.replay`). An ack or a
+    restore that meets a broker gone away is kept and done once it is back (`_unsettled`)."""
 
     def append(self, message: Any, delivery_tag: Any) -> None:
+        if _unsettled:  # a delivery: the broker answers again
+            self._settle()
         # kombu 5.7's `QoS.append`, with the replay record on the same pipeline.
         delivery = message.delivery_info
         exchange, routing_key = delivery["exchange"], delivery["routing_key"]
@@ -134,10 +156,50 @@ class GuardedQoS(kombu_redis.QoS):
         pipe = self._remove_from_indices(delivery_tag)
         if signed is not None and getattr(message, JTI_SEEN, None) is not None:
             Replays.queue_done(pipe, signed[0])
-        pipe.execute()
+        try:
+            pipe.execute()
+        except _GONE as exc:
+            self._defer(delivery_tag, "ack", exc)
         kombu_redis.virtual.QoS.ack(self, delivery_tag)
 
+    def restore_visible(self, *args: Any, **kwargs: Any) -> Any:
+        # kombu's periodic sweep (every `unacked_restore_interval`): settle first, so that
+        # a worker that gets no new delivery settles too.
+        if _unsettled:
+            self._settle()
+        return super().restore_visible(*args, **kwargs)
+
+    def _defer(self, tag: Any, action: str, exc: Exception) -> None:
+        with _unsettled_lock:
+            # A task that ran after its restore was deferred is done: ack wins.
+            if _unsettled.get(str(tag)) != "ack":
+                _unsettled[str(tag)] = action
+        logger.warning("broker unreachable (%s): %s of delivery %s deferred until it is back",
+                       exc, action, tag)  # fmt: skip
+
+    def _settle(self) -> None:
+        with _unsettled_lock:
+            pending = list(_unsettled.items())
+        for tag, action in pending:
+            try:
+                if action == "ack":
+                    self._remove_from_indices(tag).execute()
+                else:
+                    self._restore_by_tag(tag, None, False)
+            except _GONE:
+                return  # still away: the next delivery tries again
+            with _unsettled_lock:
+                if _unsettled.get(tag) == action:
+                    del _unsettled[tag]
+            logger.info("delivery %s settled now the broker is back: %s", tag, action)
+
     def restore_by_tag(self, tag: Any, client: Any = None, leftmost: bool = False) -> None:
+        try:
+            self._restore_by_tag(tag, client, leftmost)
+        except _GONE as exc:
+            self._defer(tag, "restore", exc)
+
+    def _restore_by_tag(self, tag: Any, client: Any, leftmost: bool) -> None:
         channel: GuardedChannel = self.channel
         refused: list[tuple[bytes, str]] = []
 
