@@ -199,6 +199,14 @@ def build_config(settings: Settings) -> dict[str, Any]:
         "result_backend_base_sleep_between_retries_ms": 100,
         "result_backend_max_sleep_between_retries_ms": 2000,
         "broker_connection_retry_on_startup": True,
+        # A publish that meets a broker gone away (a Sentinel failover, a RabbitMQ restart)
+        # is retried for about 10 s before `send_task` raises (Celery's default: 0.6 s).
+        "task_publish_retry_policy": {
+            "max_retries": 10,
+            "interval_start": 0,
+            "interval_step": 0.5,
+            "interval_max": 1.0,
+        },
         "worker_consumer": "workers.consumer:GuardedConsumer",
         "worker_hijack_root_logger": False,
         "timezone": "UTC",

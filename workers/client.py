@@ -39,6 +39,7 @@ PRODUCER_KEYS = (
     "task_routes",
     "broker_transport_options",
     "result_backend_transport_options",  # a sentinel:// backend's master name
+    "task_publish_retry_policy",
     # A Redis broker's channel keeps one client (kombu's makes one per message sent).
     "broker_transport",
     "task_send_sent_event",

@@ -167,8 +167,9 @@ class TestFleet:
             p.join(10)
         assert probe.snapshot().state == "closed"
 
-    def test_a_killed_holders_trial_slot_frees_after_its_ttl(self, store_url: str) -> None:
-        redis_url = store_url
+    def test_a_killed_holders_trial_slot_frees_after_its_ttl(
+        self, redis_url: str, r: redis.Redis
+    ) -> None:
         name = f"kill-{uuid.uuid4().hex[:8]}"
         probe = _trip_now(redis_url, name, open_timeout=0.3, success_threshold=1, trial_ttl=1.5)
         poll(lambda: probe.snapshot().retry_after == 0, deadline=10, what="open timeout over")
