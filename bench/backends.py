@@ -13,11 +13,14 @@ For each backend (interleaved, `--rounds` times): preload `--tasks` guarded no-o
 
 For each: tasks/s and the ratio to `redis`; policy store commands and Redis server
 time per task (INFO commandstats, summed over the cluster's masters; a script's
-commands count inside and outside it).
+commands count inside and outside it); round trips per guarded call on the policy
+client, in-process (a Sentinel client's connections cannot be counted: it talks to one
+master, as `redis` does).
 
-`--failover` then, for cluster and sentinel: 400 tasks sent, the master that serves the
-breaker SIGKILLed after 100 are done; prints the longest gap between two task
-completions (the unavailability a caller sees) and the tasks lost (goal 0).
+`--failover` then: 400 10 ms tasks sent, and after 100 are done the cluster master that
+serves the breaker, the sentinels' master, or a RabbitMQ node of the bench's own (killed
+and started again: one node has no replica) SIGKILLed; prints the longest gap between
+two task completions (the unavailability a caller sees) and the tasks lost (goal 0).
 
 Figures, not asserts: run it on a quiet machine and read them.
 """
@@ -44,8 +47,9 @@ sys.path.insert(0, str(ROOT))
 
 from bench.benchtasks import DONE, FINISHED  # noqa: E402
 from bench.measure import commands  # noqa: E402
+from bench.policies_overhead import CountingConnection, guarded_round_trips  # noqa: E402
 from policies import keys  # noqa: E402
-from tests.topologies import Cluster, RabbitVhost, Sentinels  # noqa: E402
+from tests.topologies import Cluster, RabbitNode, RabbitVhost, Sentinels  # noqa: E402
 from workers.ops.embedded import EmbeddedRedis  # noqa: E402
 from workers.security.keys import dev_keys  # noqa: E402
 from workers.stores import connect  # noqa: E402
@@ -90,6 +94,18 @@ def policy_stats(ports: list[int]) -> tuple[int, int]:
             calls += sum(commands(node).values())
             usec += sum(commands(node, "usec").values())
     return calls, usec
+
+
+def policy_round_trips(env: dict[str, str]) -> float:
+    """Round trips per guarded call (breaker + bulkhead) on this backend's policy store,
+    in-process. A sentinel client's connections are redis-py's own (not counted): the
+    same as one Redis's, which is what it talks to."""
+    url = env["REDIS_URL"]
+    if url.startswith("sentinel://"):
+        return float("nan")
+    client = connect(url, connection_class=CountingConnection)
+    per_call, _seconds = guarded_round_trips(client, 500)
+    return per_call
 
 
 def run_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -147,10 +163,15 @@ def failover(name: str, reference: EmbeddedRedis, log: Path) -> None:
         victim: Callable[[], Any] = lambda: topology.master_of(  # noqa: E731
             keys.key("breaker", "bench", "state")
         )
-    else:
+    elif name == "sentinel":
         topology = Sentinels().start()
         env = {"REDIS_URL": topology.url, "BULWARK_SENTINEL_MASTER": Sentinels.NAME}
         victim = lambda: topology.master  # noqa: E731
+    else:  # a RabbitMQ node of its own, SIGKILLed and started again (one node: no replica)
+        topology = RabbitNode().start()
+        env = {"REDIS_URL": reference.url, "CELERY_BROKER_URL": topology.url,
+               "CELERY_RESULT_BACKEND": reference.url}  # fmt: skip
+        victim = lambda: topology  # noqa: E731
     try:
         os.environ.update({**env, "BENCH_RECORD_URL": reference.url})
         from workers import resources, settings
@@ -172,6 +193,8 @@ def failover(name: str, reference: EmbeddedRedis, log: Path) -> None:
             if killed_at is None and len(finished) >= 100:
                 victim().kill()
                 killed_at = time.time()
+                if name == "rabbitmq":
+                    topology.start()
             if len({f.decode() for f, _ in finished} & ids) == len(ids):
                 break
             time.sleep(0.05)
@@ -210,20 +233,25 @@ def main() -> None:
                 reference_client = redis.Redis.from_url(reference.url)
                 reference_client.flushall()
                 with backend(name, reference) as (env, ports):
-                    runs[name].append(drain(name, env, ports, args.tasks, folder / f"{name}.log"))
+                    found = drain(name, env, ports, args.tasks, folder / f"{name}.log")
+                    found["round_trips"] = policy_round_trips(env)
+                    runs[name].append(found)
         base = statistics.mean(r["rate"] for r in runs["redis"]) if "redis" in runs else 0.0
         print(f"{args.tasks} guarded no-op tasks, prefork -c 2, security on, "
               f"{args.rounds} rounds (mean)")  # fmt: skip
         print(f"{'backend':<10} {'tasks/s':>9} {'vs redis':>9} {'policy cmds/task':>17} "
-              f"{'policy usec/task':>17}")  # fmt: skip
+              f"{'policy usec/task':>17} {'round trips/call':>17}")  # fmt: skip
         for name, found in runs.items():
             rate = statistics.mean(r["rate"] for r in found)
             ratio = f"{rate / base:.2f}" if base else "-"
             print(f"{name:<10} {rate:9.0f} {ratio:>9} "
                   f"{statistics.mean(r['commands'] for r in found):17.1f} "
-                  f"{statistics.mean(r['usec'] for r in found):17.1f}")  # fmt: skip
+                  f"{statistics.mean(r['usec'] for r in found):17.1f} "
+                  f"{statistics.mean(r['round_trips'] for r in found):17.2f}")  # fmt: skip
         if args.failover:
-            for name in ("cluster", "sentinel"):
+            for name in ("cluster", "sentinel", "rabbitmq"):
+                if name == "rabbitmq" and "rabbitmq" not in names:
+                    continue
                 redis.Redis.from_url(reference.url).flushall()
                 failover(name, reference, folder / f"failover-{name}.log")
 

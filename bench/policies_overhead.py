@@ -187,14 +187,22 @@ class _Task:
 
 
 def round_trips(url: str, calls: int = 2000) -> None:
+    pool = redis.ConnectionPool.from_url(url, connection_class=CountingConnection)
+    per_call, seconds = guarded_round_trips(redis.Redis(connection_pool=pool), calls)
+    print("3. round trips per call on the policy client (breaker + bulkhead, closed, happy path):")
+    print(f"   {per_call:.2f} round trips per call   (target <= 2: one before, one after)")
+    print(f"   {seconds * 1e6:.0f} us per call in-process, policies only")
+
+
+def guarded_round_trips(client: redis.Redis, calls: int = 2000) -> tuple[float, float]:
+    """(round trips, seconds) per guarded call (breaker + bulkhead) through `client`, whose
+    connections are `CountingConnection`s."""
     from policies.breaker import BreakerConfig, CircuitBreaker, RedisBreakerStore
     from policies.bulkhead import Bulkhead, BulkheadConfig
     from policies.retry import RetryPolicy
     from policies.watch import feed_for
     from workers.guard import Guard
 
-    pool = redis.ConnectionPool.from_url(url, connection_class=CountingConnection)
-    client = redis.Redis(connection_pool=pool)
     breaker = CircuitBreaker("rt", BreakerConfig(), RedisBreakerStore(client))
     bulkhead = Bulkhead("rt", client, BulkheadConfig(limit=10))
     guard = Guard(
@@ -217,10 +225,7 @@ def round_trips(url: str, calls: int = 2000) -> None:
     for i in range(calls):
         guard.run(task, (i,), {})  # type: ignore[arg-type]
     elapsed = time.perf_counter() - started
-    per_call = (CountingConnection.sent - before) / calls
-    print("3. round trips per call on the policy client (breaker + bulkhead, closed, happy path):")
-    print(f"   {per_call:.2f} round trips per call   (target <= 2: one before, one after)")
-    print(f"   {elapsed / calls * 1e6:.0f} us per call in-process, policies only")
+    return (CountingConnection.sent - before) / calls, elapsed / calls
 
 
 # -- 4: breaker-open propagation to other processes ----------------------------------------------

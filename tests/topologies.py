@@ -277,7 +277,7 @@ class RabbitVhost:
 
     def __init__(self) -> None:
         self.name = f"bulwark-test-{secrets.token_hex(4)}"
-        self._password = secrets.token_urlsafe(18)
+        self._password = secrets.token_hex(16)  # never a leading "-" (rabbitmqctl options)
 
     @staticmethod
     def available() -> bool:

@@ -20,13 +20,14 @@ from policies.breaker import list_breakers
 from policies.deadletter import DeadLetterStore
 from tasks.dependencies import dependency
 from tests.kit import Worker, poll
-from tests.topologies import FAILOVER_ENV, RabbitNode, RabbitVhost
+from tests.topologies import FAILOVER_ENV, Cluster, RabbitNode, RabbitVhost
 from workers import resources
 from workers.amqp import AmqpBroker
 from workers.client import client
 from workers.ops.cli import main as bulwark
 from workers.resources import policy_redis
 from workers.settings import Settings, get_settings
+from workers.stores import connect
 
 pytestmark = pytest.mark.integration
 
@@ -43,16 +44,18 @@ def on_rabbitmq(
     name: str = "rabbit",
     extra: dict[str, str] | None = None,
     expected: tuple[str, ...] = (),
+    policy: str | None = None,
 ) -> Iterator[tuple[Worker, Celery]]:
-    """A worker on the RabbitMQ vhost (policies and results on the session's Redis), and a
-    client app with the same settings (and `extra` ones)."""
+    """A worker on the RabbitMQ vhost (policies, unless on `policy`, and results on the
+    session's Redis), and a client app with the same settings (and `extra` ones)."""
+    policy = policy or redis_url
     env = {"CELERY_BROKER_URL": vhost.url, "CELERY_RESULT_BACKEND": redis_url, **(extra or {})}
     for key, value in env.items():
         monkeypatch.setenv(key, value)  # `bulwark status` in this process reads them
     get_settings.cache_clear()  # read before (the demo's dependency): read them again
     resources.forget()
     worker = Worker(
-        redis_url,
+        policy,
         list(queues),
         name=name,
         concurrency=concurrency,
@@ -60,7 +63,7 @@ def on_rabbitmq(
         log=tmp_path / f"{name}.log",
     ).start()
     try:
-        yield worker, client(Settings.from_env({"REDIS_URL": redis_url, **env}))
+        yield worker, client(Settings.from_env({"REDIS_URL": policy, **env}))
     finally:
         problems = worker.stop_and_check(expected)
     assert not problems, "\n".join(problems)
@@ -97,6 +100,19 @@ class TestRabbitMQBroker:
             assert ready["payments"] == 3  # a passive declare: RabbitMQ's count, at once
             assert status["stores"]["broker"]["engine"] == "rabbitmq"
             assert status["stores"]["broker"]["ok"] and "***" in status["stores"]["broker"]["url"]
+
+    def test_policies_on_a_redis_cluster_queues_on_rabbitmq(
+        self, rabbitmq: RabbitVhost, redis_url: str, redis_cluster: Cluster, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:  # fmt: skip
+        """A mix of the engines: the fleet's policies on the cluster, its queues on RabbitMQ,
+        its results on one Redis."""
+        with on_rabbitmq(rabbitmq, redis_url, tmp_path, monkeypatch, name="mix",
+                         policy=redis_cluster.url) as (_worker, app):  # fmt: skip
+            done = [reserve(app, f"x{i}").get(timeout=30)["sku"] for i in range(10)]
+            assert done == [f"x{i}" for i in range(10)]
+            shared = connect(redis_cluster.url)
+            assert any(b.name == "inventory" and b.window_calls for b in list_breakers(shared))
 
     def test_a_countdown_waits_in_rabbitmq_not_in_the_worker(
         self, rabbitmq: RabbitVhost, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
