@@ -20,7 +20,7 @@ from policies.breaker import list_breakers
 from policies.deadletter import DeadLetterStore
 from tasks.dependencies import dependency
 from tests.kit import Worker, poll
-from tests.topologies import FAILOVER_ENV, Cluster, RabbitNode, RabbitVhost
+from tests.topologies import FAILOVER_ENV, RabbitNode, RabbitVhost, Sentinels
 from workers import resources
 from workers.amqp import AmqpBroker
 from workers.client import client
@@ -101,17 +101,20 @@ class TestRabbitMQBroker:
             assert status["stores"]["broker"]["engine"] == "rabbitmq"
             assert status["stores"]["broker"]["ok"] and "***" in status["stores"]["broker"]["url"]
 
-    def test_policies_on_a_redis_cluster_queues_on_rabbitmq(
-        self, rabbitmq: RabbitVhost, redis_url: str, redis_cluster: Cluster, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch,
+    @pytest.mark.parametrize("fixture", ["redis_cluster", "redis_sentinels"])
+    def test_policies_on_another_engine_queues_on_rabbitmq(
+        self, fixture: str, rabbitmq: RabbitVhost, redis_url: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest,
     ) -> None:  # fmt: skip
-        """A mix of the engines: the fleet's policies on the cluster, its queues on RabbitMQ,
-        its results on one Redis."""
-        with on_rabbitmq(rabbitmq, redis_url, tmp_path, monkeypatch, name="mix",
-                         policy=redis_cluster.url) as (_worker, app):  # fmt: skip
+        """Mixes of the engines: the fleet's policies on a Redis Cluster or behind sentinels,
+        its queues on RabbitMQ, its results on one Redis."""
+        topology = request.getfixturevalue(fixture)
+        master = {"BULWARK_SENTINEL_MASTER": Sentinels.NAME}
+        with on_rabbitmq(rabbitmq, redis_url, tmp_path, monkeypatch, name=f"mix-{fixture[6:]}",
+                         policy=topology.url, extra=master) as (_worker, app):  # fmt: skip
             done = [reserve(app, f"x{i}").get(timeout=30)["sku"] for i in range(10)]
             assert done == [f"x{i}" for i in range(10)]
-            shared = connect(redis_cluster.url)
+            shared = connect(topology.url, master=Sentinels.NAME)
             assert any(b.name == "inventory" and b.window_calls for b in list_breakers(shared))
 
     def test_a_countdown_waits_in_rabbitmq_not_in_the_worker(
