@@ -50,6 +50,8 @@ from bench.measure import commands  # noqa: E402
 from bench.policies_overhead import CountingConnection, guarded_round_trips  # noqa: E402
 from policies import keys  # noqa: E402
 from tests.topologies import Cluster, RabbitNode, RabbitVhost, Sentinels  # noqa: E402
+from workers import resources, settings  # noqa: E402
+from workers.client import client  # noqa: E402
 from workers.ops.embedded import EmbeddedRedis  # noqa: E402
 from workers.security.keys import dev_keys  # noqa: E402
 from workers.stores import connect  # noqa: E402
@@ -118,17 +120,14 @@ def run_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
 
 def drain(name: str, env: dict[str, str], ports: list[int], n: int, log: Path) -> dict[str, float]:
     os.environ.update(env)
-    from workers import resources, settings  # lazy: they read the environment
-
     settings.get_settings.cache_clear()
     resources.forget()
-    from workers.client import client
-
     done = connect(env["REDIS_URL"], master=Sentinels.NAME)
     done.delete(DONE)
     app = client()
     for i in range(n):
-        app.send_task("bench.guarded", args=[i], queue="default")
+        # ignore_result: no result subscription per task (the bench counts in Redis)
+        app.send_task("bench.guarded", args=[i], queue="default", ignore_result=True)
     worker = run_worker({**os.environ, "PYTHONPATH": str(ROOT)}, log)
     try:
         deadline = time.monotonic() + 120
@@ -174,17 +173,12 @@ def failover(name: str, reference: EmbeddedRedis, log: Path) -> None:
         victim = lambda: topology  # noqa: E731
     try:
         os.environ.update({**env, "BENCH_RECORD_URL": reference.url})
-        from workers import resources, settings
-
         settings.get_settings.cache_clear()
         resources.forget()
-        from workers.client import client
-
         app = client()
         worker = run_worker({**os.environ, "PYTHONPATH": str(ROOT)}, log)
-        results = [app.send_task("bench.guarded_sleep", args=[i], queue="default")
-                   for i in range(400)]  # fmt: skip
-        ids = {r.id for r in results}
+        ids = {app.send_task("bench.guarded_sleep", args=[i], queue="default",
+                             ignore_result=True).id for i in range(400)}  # fmt: skip
         store = redis.Redis.from_url(reference.url)
         killed_at = None
         deadline = time.monotonic() + 180
@@ -249,9 +243,7 @@ def main() -> None:
                   f"{statistics.mean(r['usec'] for r in found):17.1f} "
                   f"{statistics.mean(r['round_trips'] for r in found):17.2f}")  # fmt: skip
         if args.failover:
-            for name in ("cluster", "sentinel", "rabbitmq"):
-                if name == "rabbitmq" and "rabbitmq" not in names:
-                    continue
+            for name in [n for n in names if n != "redis"]:
                 redis.Redis.from_url(reference.url).flushall()
                 failover(name, reference, folder / f"failover-{name}.log")
 

@@ -17,6 +17,7 @@ from importlib import resources
 from typing import Any
 
 import redis
+from redis.cluster import ClusterPipeline
 
 from policies.clock import Clock
 
@@ -93,16 +94,18 @@ class Scripts:
         """
         script = self[name]
         index = len(pipe)
-        # By name, not `pipe.evalsha`: a cluster pipeline blocks its script methods, yet
-        # routes the command itself by its keys' slot (one slot: hash-tagged keys).
+        # By name, not `pipe.evalsha`: a cluster pipeline blocks its script methods. It
+        # would also ask a node for the keys of each (COMMAND GETKEYS, a round trip per
+        # script): it is told the node that serves their slot (hash-tagged: one slot).
+        target = _target(pipe, keys)
         if name in self._registry.queued:
-            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
+            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args, **target)  # type: ignore[no-untyped-call]
         else:
             # The first call sends the source (EVAL caches it on the server): no round
             # trip of its own, and nothing raised here while Redis is unreachable. (On a
             # cluster only that node has it: another node answers NOSCRIPT once, and
             # `Queued.reply` loads it everywhere.)
-            pipe.execute_command("EVAL", script.script, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
+            pipe.execute_command("EVAL", script.script, len(keys), *keys, *args, **target)  # type: ignore[no-untyped-call]
             self._registry.queued.add(name)
         return Queued(self, name, keys, args, index)
 
@@ -110,6 +113,13 @@ class Scripts:
         """Load every script registered on this client again (after NOSCRIPT)."""
         for script in list(self._registry.scripts.values()):
             self._client.script_load(script.script)
+
+
+def _target(pipe: Any, keys: Sequence[str]) -> dict[str, Any]:
+    """`target_nodes` for a script queued on a cluster pipeline (nothing for one Redis)."""
+    if isinstance(pipe, ClusterPipeline) and keys:
+        return {"target_nodes": pipe.get_node_from_key(keys[0])}  # type: ignore[no-untyped-call]
+    return {}
 
 
 def reply_at(results: Sequence[Any] | BaseException, index: int) -> Any:
