@@ -103,6 +103,10 @@ def keep(letter: DeadLetter, broker: Any) -> DeadLetter | None:
 #: answers again; otherwise kombu would leave them in `unacked` for the whole visibility
 #: timeout (an hour by default) before anyone runs them.
 _unsettled: dict[str, str] = {}
+#: Messages popped from their queue whose `unacked` record then failed (the broker died
+#: between the BRPOP and the record): (payload, exchange, routing key), put back on their
+#: queue once the broker is back. Without this they were nowhere.
+_popped: list[tuple[Any, str, str]] = []
 _unsettled_lock = threading.Lock()
 
 #: What a broker that went away raises.
@@ -122,21 +126,29 @@ class GuardedQoS(kombu_redis.QoS):
     restore that meets a broker gone away is kept and done once it is back (`_unsettled`)."""
 
     def append(self, message: Any, delivery_tag: Any) -> None:
-        if _unsettled:  # a delivery: the broker answers again
+        if _unsettled or _popped:  # a delivery: the broker answers again
             self._settle()
         # kombu 5.7's `QoS.append`, with the replay record on the same pipeline.
         delivery = message.delivery_info
         exchange, routing_key = delivery["exchange"], delivery["routing_key"]
         signed = jti_of(message.headers)
-        with self.pipe_or_acquire() as pipe:
-            pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()})
-            pipe.hset(self.unacked_key, delivery_tag, kombu_dumps([message._raw, exchange,
-                                                                   routing_key]))  # fmt: skip
-            seen = self._replays().queue_seen(pipe, *signed) if signed else None
-            results = pipe.execute(raise_on_error=False)
-        errors = [r for r in results[:2] if isinstance(r, Exception)]
-        if errors:
-            raise errors[0]
+        try:
+            with self.pipe_or_acquire() as pipe:
+                pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()})
+                pipe.hset(self.unacked_key, delivery_tag, kombu_dumps([message._raw, exchange,
+                                                                       routing_key]))  # fmt: skip
+                seen = self._replays().queue_seen(pipe, *signed) if signed else None
+                results = pipe.execute(raise_on_error=False)
+            errors = [r for r in results[:2] if isinstance(r, Exception)]
+            if errors:
+                raise errors[0]
+        except _GONE as exc:
+            # Popped, not recorded: kombu drops the message when this raises. Keep it.
+            with _unsettled_lock:
+                _popped.append((message._raw, exchange, routing_key))
+            logger.warning("broker unreachable (%s): delivery %s goes back on %s once it "
+                           "is back", exc, delivery_tag, routing_key)  # fmt: skip
+            raise
         if seen is not None:
             reply = seen.reply(results)
             if not isinstance(reply, Exception):
@@ -165,7 +177,7 @@ class GuardedQoS(kombu_redis.QoS):
     def restore_visible(self, *args: Any, **kwargs: Any) -> Any:
         # kombu's periodic sweep (every `unacked_restore_interval`): settle first, so that
         # a worker that gets no new delivery settles too.
-        if _unsettled:
+        if _unsettled or _popped:
             self._settle()
         return super().restore_visible(*args, **kwargs)
 
@@ -178,6 +190,19 @@ class GuardedQoS(kombu_redis.QoS):
                        exc, action, tag)  # fmt: skip
 
     def _settle(self) -> None:
+        with _unsettled_lock:
+            popped = list(_popped)
+        for entry in popped:
+            payload, exchange, routing_key = entry
+            try:
+                with self.channel.conn_or_acquire() as client, client.pipeline() as pipe:
+                    self.channel._do_restore_message(payload, exchange, routing_key, pipe)
+                    pipe.execute()
+            except _GONE:
+                return  # still away: the next delivery or sweep tries again
+            with _unsettled_lock:
+                _popped.remove(entry)
+            logger.info("a delivery popped as the broker went away is back on %s", routing_key)
         with _unsettled_lock:
             pending = list(_unsettled.items())
         for tag, action in pending:
@@ -192,6 +217,22 @@ class GuardedQoS(kombu_redis.QoS):
                 if _unsettled.get(tag) == action:
                     del _unsettled[tag]
             logger.info("delivery %s settled now the broker is back: %s", tag, action)
+
+    def restore_unacked(self, client: Any = None) -> None:
+        """kombu's, run when the channel closes (also under a broker that went away). A
+        channel closed under it cannot even make a client: kombu reads the connection's
+        host from a connection already gone (AttributeError), and the worker stopped with
+        "Unrecoverable error". Whatever it cannot restore now is deferred instead."""
+        left = list(self._delivered)
+        try:
+            with self.channel.conn_or_acquire(client) as conn:
+                while left:
+                    self.restore_by_tag(left[0], client=conn)  # defers what meets _GONE
+                    left.pop(0)
+        except Exception as exc:  # any: a closing channel must not end the worker
+            for tag in left:
+                self._defer(tag, "restore", exc)
+        self._delivered.clear()
 
     def restore_by_tag(self, tag: Any, client: Any = None, leftmost: bool = False) -> None:
         try:
@@ -257,6 +298,11 @@ class GuardedChannel(kombu_redis.Channel):
         if client:
             yield client
             return
+        if self.connection is None:
+            # Closed when its connection was lost; a task it delivered may still finish and
+            # ack through it. kombu would fail on the missing connection (AttributeError:
+            # "Unrecoverable error", the worker gone); this is a broker away: deferred.
+            raise redis.ConnectionError("the channel was closed with its connection")
         pool = self.pool
         kept = self._bulwark_client
         if kept is None or kept[0] is not pool:  # a new pool after a reconnect

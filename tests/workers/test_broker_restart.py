@@ -3,18 +3,23 @@ soon as it is back, not after the visibility timeout."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
+from kombu import Connection, Exchange, Queue
 
 from tasks.dependencies import dependency
 from tests.kit import Worker, poll
 from tests.topologies import FAILOVER_ENV
-from workers import resources
+from workers import resources, transport
 from workers.client import client
 from workers.ops.embedded import EmbeddedRedis
 from workers.settings import Settings, get_settings
+from workers.transport import GuardedQoS, GuardedTransport, unsettled
 
 pytestmark = pytest.mark.integration
 
@@ -58,3 +63,57 @@ def test_held_deliveries_run_once_the_broker_is_back(
 def broker_unacked(broker: EmbeddedRedis) -> int:
     with redis.Redis.from_url(broker.url) as held:
         return int(held.hlen("unacked"))
+
+
+class _ClosedChannel:
+    """A channel closed under its QoS: kombu can no longer make a client for it."""
+
+    unacked_key, unacked_index_key, unacked_mutex_key = "unacked", "unacked_index", "mutex"
+    do_restore = False  # nothing for kombu to restore when the QoS is collected
+
+    @contextlib.contextmanager
+    def conn_or_acquire(self, client: object = None) -> Iterator[object]:
+        raise AttributeError("'NoneType' object has no attribute 'hostname'")
+        yield  # pragma: no cover
+
+
+def test_a_channel_closed_under_its_deliveries_defers_them() -> None:
+    """Seen in a Sentinel failover: kombu's restore at close raised, and the worker died
+    ("Unrecoverable error"). Now the deliveries wait to be settled."""
+    qos = GuardedQoS(_ClosedChannel(), prefetch_count=4)
+    qos._delivered.update({"tag-1": object(), "tag-2": object()})
+    qos.restore_unacked()  # does not raise
+    assert {k: v for k, v in unsettled().items() if k.startswith("tag-")} == {
+        "tag-1": "restore",
+        "tag-2": "restore",
+    }
+    assert not qos._delivered
+    transport._unsettled.clear()
+
+
+def test_a_message_popped_as_the_broker_went_away_goes_back(r: redis.Redis, redis_url: str) -> None:
+    """The broker died between the BRPOP that popped a message and the write that records
+    it as unacked: kombu dropped it. Now it goes back on its queue once the broker is back."""
+    with Connection(redis_url, transport=GuardedTransport) as connection:
+        channel = connection.channel()
+        Queue("default", Exchange("bulwark", "direct"), routing_key="default")(channel).declare()
+        payload = {"body": "e30=", "headers": {"id": "popped"}, "content-type": "application/json",
+                   "properties": {"delivery_tag": "t1", "priority": 0, "body_encoding": "base64",
+                                  "delivery_info": {"exchange": "bulwark",
+                                                    "routing_key": "default"}}}  # fmt: skip
+        message = channel.Message(payload, channel=channel)
+
+        @contextlib.contextmanager
+        def gone() -> Iterator[object]:
+            raise redis.ConnectionError("Connection refused")
+            yield  # pragma: no cover
+
+        channel.qos.pipe_or_acquire = gone  # the instance's, over the class's method
+        with pytest.raises(redis.ConnectionError):
+            channel.qos.append(message, "t1")
+        assert r.llen("default") == 0  # popped, recorded nowhere
+        del channel.qos.pipe_or_acquire  # the broker is back
+        channel.qos.restore_visible()  # the periodic sweep, the broker back
+        (back,) = r.lrange("default", 0, -1)
+        assert json.loads(back)["headers"]["id"] == "popped"
+        assert not transport._popped

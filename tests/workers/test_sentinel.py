@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import redis
 from celery.result import AsyncResult
+from kombu.exceptions import OperationalError
 from kombu.transport import resolve_transport
 from redis.sentinel import MasterNotFoundError
 
@@ -30,13 +31,17 @@ FAST = {**FAILOVER_ENV, "BULWARK_SENTINEL_MASTER": Sentinels.NAME}
 
 def outcome(result: AsyncResult) -> Any:
     """The task's result. Celery's result consumer raises while the master is gone
-    (ConnectionError, then MasterNotFoundError until the sentinels agree on a new one):
-    a caller asks again, as here."""
+    (ConnectionError, then MasterNotFoundError until the sentinels agree on a new one,
+    sometimes wrapped in kombu's OperationalError): a caller asks again, as here.
+
+    Each poll reads the result anew: a task whose retry could not be published while the
+    broker was away is stored as FAILURE (that OperationalError), then as SUCCESS when its
+    redelivery runs, and an AsyncResult keeps the first state it saw."""
 
     def got() -> Any:
         try:
-            return result.get(timeout=30)
-        except (redis.ConnectionError, MasterNotFoundError):
+            return result.app.AsyncResult(result.id).get(timeout=10)
+        except (redis.ConnectionError, MasterNotFoundError, OperationalError):
             return None
 
     return poll(got, deadline=90, every=0.2, what=f"the result of {result.id}")
