@@ -193,6 +193,8 @@ class SupervisedManager(Manager):  # type: ignore[misc]
                                stale_after=STALE_AFTER * self.scale_every,
                                retiring=retiring)  # fmt: skip
         for change in changes:
+            if self._stop_signal is not None:
+                return  # stopping (the signal came during the read): start nothing more
             name = extra_name(change.group, change.index)
             decision = decisions[change.group]
             why = f"beat wants {decision.desired}: {decision.reason}"
