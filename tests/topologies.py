@@ -294,9 +294,13 @@ class RabbitVhost:
         subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=60)
 
     def start(self) -> RabbitVhost:
-        self._ctl("add_vhost", self.name)
-        self._ctl("add_user", self.name, self._password)
-        self._ctl("set_permissions", "-p", self.name, self.name, ".*", ".*", ".*")
+        try:
+            self._ctl("add_vhost", self.name)
+            self._ctl("add_user", self.name, self._password)
+            self._ctl("set_permissions", "-p", self.name, self.name, ".*", ".*", ".*")
+        except BaseException:
+            self.stop()  # no vhost or user left behind on the machine's RabbitMQ
+            raise
         return self
 
     @property
