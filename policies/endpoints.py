@@ -15,6 +15,7 @@ backend (`CELERY_RESULT_BACKEND`) are three settings, each one of:
 
 from __future__ import annotations
 
+import functools
 import urllib.parse
 from dataclasses import dataclass
 from typing import Literal
@@ -67,8 +68,10 @@ def _node(part: str, scheme: str) -> urllib.parse.SplitResult:
     return split
 
 
+@functools.lru_cache(maxsize=64)
 def parse(url: str) -> Endpoint:
-    """The endpoint of a store URL; `ValueError` names what is wrong with it."""
+    """The endpoint of a store URL; `ValueError` names what is wrong with it. Cached: a
+    process asks about the same few URLs (its settings') again and again."""
     text = url.strip()
     scheme = text.split("://", 1)[0].lower() if "://" in text else ""
     kind = _KINDS.get(scheme)

@@ -8,7 +8,6 @@ from celery.app.amqp import AMQP, Queues
 from kombu import Exchange, Queue
 from kombu.transport import TRANSPORT_ALIASES
 
-from policies import endpoints
 from workers import balancing
 from workers.amqp import DEAD_EXCHANGE
 from workers.settings import ALERTS_QUEUE, DEFAULT_QUEUE, Settings
@@ -21,15 +20,10 @@ EXCHANGE = Exchange("bulwark", type="direct")
 AMQP_EXCHANGE = Exchange("bulwark", type="topic", durable=True)
 
 
-def rabbitmq(settings: Settings) -> bool:
-    """Whether the broker is RabbitMQ."""
-    return endpoints.parse(settings.broker).kind == "amqp"
-
-
 def queue_for(settings: Settings, name: str) -> Queue:
     """The kombu queue `name` on this broker: on Redis a list; on RabbitMQ a durable quorum
     queue (or a classic one with priorities) that dead-letters into `bulwark.dead`."""
-    if not rabbitmq(settings):
+    if not settings.rabbitmq:
         return Queue(name, EXCHANGE, routing_key=name)
     scaling = settings.scaling
     arguments: dict[str, Any] = {"x-dead-letter-exchange": DEAD_EXCHANGE.name}
@@ -164,7 +158,7 @@ def build_config(settings: Settings) -> dict[str, Any]:
         # Queues: one per bulkhead, plus default, alerts and the dead-letter queue.
         "task_default_queue": DEFAULT_QUEUE,
         "task_default_exchange": exchange.name,
-        "task_default_exchange_type": (AMQP_EXCHANGE if rabbitmq(settings) else EXCHANGE).type,
+        "task_default_exchange_type": (AMQP_EXCHANGE if settings.rabbitmq else EXCHANGE).type,
         "task_default_routing_key": DEFAULT_QUEUE,
         # The queues of the settings, and the targets of every balanced task declared.
         "task_queues": [queue_for(settings, q) for q in queue_names(settings)],
@@ -186,7 +180,7 @@ def build_config(settings: Settings) -> dict[str, Any]:
             "retry_on_timeout": True,
             **sentinel_options(settings.broker, settings.sentinel_master),
             # RabbitMQ: a publish returns once the broker has the message (confirms).
-            **({"confirm_publish": True} if rabbitmq(settings) else {}),
+            **({"confirm_publish": True} if settings.rabbitmq else {}),
         },
         "result_backend_transport_options": {
             "socket_connect_timeout": 5,

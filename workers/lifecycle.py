@@ -22,7 +22,6 @@ import psutil
 import redis
 from celery import signals
 
-from policies import endpoints
 from workers import balancing, listeners
 from workers.amqp import BROKER_ERRORS, declare_dead_letters
 from workers.fleet import WORKERS_INDEX, heartbeat_key
@@ -50,9 +49,8 @@ def _preflight() -> None:
         problem = context.verifying_problem() or context.signing_problem()
         if problem is not None:
             raise SystemExit(f"bulwark: {problem}")
-    for url in {settings.redis_url, settings.broker}:
-        if endpoints.parse(url).kind == "amqp":
-            continue  # RabbitMQ: Celery's own connection (it retries at start) says
+    # RabbitMQ: Celery's own connection (it retries at start) says if it is unreachable.
+    for url in {settings.redis_url} if settings.rabbitmq else {settings.redis_url, settings.broker}:
         try:
             wait_for_redis(url, master=settings.sentinel_master).close()
         except RedisUnavailable as exc:
@@ -61,7 +59,7 @@ def _preflight() -> None:
 
 def _on_init(sender: Any = None, **_: Any) -> None:
     _preflight()
-    if sender is not None and sender.app.connection_for_write().transport.driver_type == "amqp":
+    if sender is not None and get_settings().rabbitmq:
         _declare_on_rabbitmq(sender.app)
     listeners.ensure()  # before the pool forks: every child inherits the subscriptions
 

@@ -17,7 +17,6 @@ from typing import Any, Generic, TypeVar
 
 import redis
 
-from policies import endpoints
 from policies.breaker import BreakerConfig, CircuitBreaker, RedisBreakerStore, consecutive_failures
 from policies.budget import BudgetConfig, RedisBudgetStore, RetryBudget
 from policies.bulkhead import Bulkhead, BulkheadConfig
@@ -97,7 +96,7 @@ def broker_redis() -> redis.Redis:
     server than the policies'); the policy store when the broker is RabbitMQ. It keeps
     what must outlive a policy store outage: seen message ids, the demo's dependencies."""
     settings = get_settings()
-    if endpoints.parse(settings.broker).kind == "amqp":
+    if settings.rabbitmq:
         return policy_redis()
     return _client(settings.broker, os.getpid(), settings.sentinel_master)
 
@@ -110,7 +109,7 @@ def _amqp(url: str, pid: int) -> AmqpBroker:
 def broker() -> redis.Redis | AmqpBroker:
     """The broker, for its queue depths and health: a Redis client, or `AmqpBroker`."""
     settings = get_settings()
-    if endpoints.parse(settings.broker).kind == "amqp":
+    if settings.rabbitmq:
         return _amqp(settings.broker, os.getpid())
     return broker_redis()
 

@@ -903,6 +903,11 @@ class Settings:
         return self.result_backend or self.redis_url
 
     @property
+    def rabbitmq(self) -> bool:
+        """Whether the broker is RabbitMQ (every other store is then still Redis)."""
+        return endpoints.parse(self.broker).kind == "amqp"
+
+    @property
     def all_queues(self) -> tuple[str, ...]:
         """Every queue the fleet knows, bulkhead queues first."""
         fixed = (DEFAULT_QUEUE, ALERTS_QUEUE, DEADLETTER_QUEUE)

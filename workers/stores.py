@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import redis
-from kombu import Connection
 from redis.cluster import ClusterNode, RedisCluster
 from redis.sentinel import Sentinel
 
 from policies import endpoints
+from workers.amqp import AmqpBroker
 from workers.secrets import hide_password
 from workers.settings import Settings
 
@@ -82,8 +82,11 @@ def check(role: str, url: str, *, master: str = "mymaster", timeout: float = 2.0
     engine = describe(url)
     try:
         if endpoints.parse(url).kind == "amqp":
-            with Connection(url, connect_timeout=timeout) as conn:
-                conn.ensure_connection(max_retries=1, timeout=timeout)
+            rabbit = AmqpBroker(url, timeout=timeout)
+            try:
+                rabbit.ping()
+            finally:
+                rabbit.close()
         else:
             client = connect(
                 url, master=master, socket_connect_timeout=timeout, socket_timeout=timeout
