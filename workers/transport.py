@@ -34,7 +34,7 @@ from policies.deadletter import DeadLetter, DeadLetterStore
 from policies.replay import Replays, state
 from workers.envelope import envelope_problem, kept_raw, parse_envelope
 from workers.resources import deadletters
-from workers.security.verifier import CONSUMED_FROM, JTI_SEEN, jti_of
+from workers.security.verifier import CONSUMED_FROM, FROM_JSON, JTI_SEEN, jti_of
 from workers.telemetry.metrics import metrics
 
 __all__ = [
@@ -131,7 +131,7 @@ class GuardedQoS(kombu_redis.QoS):
         # kombu 5.7's `QoS.append`, with the replay record on the same pipeline.
         delivery = message.delivery_info
         exchange, routing_key = delivery["exchange"], delivery["routing_key"]
-        signed = jti_of(message.headers)
+        signed = jti_of(message)
         try:
             with self.pipe_or_acquire() as pipe:
                 pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()})
@@ -313,6 +313,7 @@ class GuardedChannel(kombu_redis.Channel):
                       **kwargs: Any) -> Any:  # fmt: skip
         def noted(message: Any) -> Any:
             setattr(message, CONSUMED_FROM, queue)  # the queue it came from, for verification
+            setattr(message, FROM_JSON, True)  # its headers: out of the JSON envelope
             return callback(message)
 
         return super().basic_consume(queue, no_ack, noted, consumer_tag, **kwargs)

@@ -58,15 +58,16 @@ def _json_plain(value: Any) -> bool:
     return True
 
 
-def plain_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
+def plain_headers(headers: Mapping[str, Any], *, from_json: bool = False) -> dict[str, Any]:
     """The signed headers as both ends see them: through kombu's JSON and back, plain.
 
-    A consumer's headers came out of JSON already, and are then used as they are: the
-    round trip (a fifth of a verification's Python time) is for what is not plain, such as
-    the tuples and dates a producer's headers hold, or kombu's typed values.
+    Headers that came out of JSON (`from_json`: the Redis transport's, decoded from the
+    message's JSON envelope) or are plain already are used as they are: the round trip (a
+    fifth of a verification's Python time) is for what is not plain, such as the tuples
+    and dates a producer's headers hold, or an AMQP table's typed values.
     """
     kept = {k: v for k, v in headers.items() if k not in UNSIGNED}
-    if _json_plain(kept):
+    if from_json or _json_plain(kept):
         return kept
     return json.loads(kombu_json.dumps(kept))  # type: ignore[no-any-return]
 

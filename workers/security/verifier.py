@@ -27,12 +27,16 @@ from workers.security.context import security
 from workers.security.refusals import count_refusal
 from workers.security.signer import plain_headers
 
-__all__ = ["CONSUMED_FROM", "JTI_SEEN", "message_problem"]
+__all__ = ["CLAIMS", "CONSUMED_FROM", "FROM_JSON", "JTI_SEEN", "jti_of", "message_problem"]
 
 #: Set on a kombu message by the transport: the queue it was taken from.
 CONSUMED_FROM = "bulwark_consumed_from"
 #: Set on a kombu message by the transport: what the replay record said of its jti.
 JTI_SEEN = "bulwark_jti_seen"
+#: Set on a kombu message by the transport: `parse_claims` of its `bulwark_sig` header.
+CLAIMS = "bulwark_claims"
+#: Set on a kombu message by the Redis transport: its headers came out of JSON.
+FROM_JSON = "bulwark_from_json"
 
 
 def _queue(message: Any) -> str:
@@ -74,7 +78,7 @@ def _problem(message: Any) -> str | None:
     body = message.body
     data = body if isinstance(body, bytes) else str(body).encode("utf-8", "surrogatepass")
     try:
-        plain = plain_headers(headers)
+        plain = plain_headers(headers, from_json=getattr(message, FROM_JSON, False))
     except (TypeError, ValueError, RecursionError) as exc:
         return f"security: headers cannot be verified: {type(exc).__name__}"
     plain["bulwark_sig"] = headers.get("bulwark_sig")
@@ -86,6 +90,7 @@ def _problem(message: Any) -> str | None:
         str(message.content_type or ""),
         now=time.time(),
         skew=context.settings.clock_skew,
+        parsed=getattr(message, CLAIMS, None),
     )
     if isinstance(verdict, str):
         return f"security: {verdict}"
@@ -113,11 +118,14 @@ def _opened(message: Any, verdict: Verified) -> str | None:
     return None
 
 
-def jti_of(headers: Any) -> tuple[str, int] | None:
-    """(jti, exp) of a message's signature header, if it has a well-formed one."""
+def jti_of(message: Any) -> tuple[str, int] | None:
+    """(jti, exp) of a message's signature header, if it has a well-formed one. The parsed
+    header is kept on the message (`CLAIMS`) for its verification."""
+    headers = message.headers
     if not isinstance(headers, dict):
         return None
     parsed = parse_claims(headers.get("bulwark_sig"))
+    setattr(message, CLAIMS, parsed)
     if isinstance(parsed, str):
         return None
     return parsed[0].jti, parsed[0].exp
