@@ -3,9 +3,9 @@
 Each simulated dependency reads its condition from the broker's Redis (not
 the policies' Redis: a dependency is somewhere else), so every worker in the
 fleet sees the same outage: `bulwark demo` (or a test) sets it with
-`set_outage(...)`. During an outage a call raises `DependencyDown` (a
-`ConnectionError`, so it is classified transient); otherwise it returns after
-a short simulated latency.
+`set_outage(...)`. A call takes a short simulated latency, then returns, or, if
+the dependency is down by then, raises `DependencyDown` (a `ConnectionError`, so
+it is classified transient), as a service that stops answering mid-call does.
 """
 
 from __future__ import annotations
@@ -44,12 +44,11 @@ class Dependency:
         client = broker_redis()
         with client.pipeline(transaction=False) as pipe:
             pipe.incr(self._calls_key)
-            pipe.exists(self._outage_key)
             pipe.get(self._latency_key)
-            _, down, slow = pipe.execute()
-        if down:
-            raise DependencyDown(f"{self.name} is unreachable ({operation})")
+            _, slow = pipe.execute()
         time.sleep(float(slow) if slow is not None else self.latency)
+        if client.exists(self._outage_key):
+            raise DependencyDown(f"{self.name} is unreachable ({operation})")
         return uuid.uuid4().hex[:12]
 
     def set_outage(self, seconds: float) -> None:

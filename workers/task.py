@@ -30,17 +30,21 @@ from typing import Any, ClassVar
 
 import redis
 from celery import Task
-from celery.exceptions import Retry
+from celery.exceptions import Reject, Retry
 
 from policies import events
 from policies.deadletter import DeadLetter
 from policies.errors import PolicyConfigError
+from workers.amqp import BROKER_ERRORS
 from workers.guard import ATTEMPT_HEADER, DEFERRALS_HEADER, guard_for
 from workers.registry import registry
 from workers.resources import deadletters
 from workers.security import sealed
 
 logger = logging.getLogger(__name__)
+
+#: What a publish raises when the broker is away.
+_UNSENT = (*BROKER_ERRORS, redis.ConnectionError, redis.TimeoutError)
 #: Seconds before a task whose dead-lettering failed (store unreachable) comes back.
 DEADLETTER_RETRY = 5.0
 
@@ -134,7 +138,14 @@ class ResilientTask(Task):  # type: ignore[misc]
         signature = self.signature_from_request(
             request, countdown=countdown, retries=retries, headers=headers
         )
-        signature.apply_async()
+        try:
+            signature.apply_async()
+        except _UNSENT as exc:
+            # The broker is away (after the publish retries): this message goes back on its
+            # queue as it is, to run again once the broker answers, never stored as FAILURE.
+            logger.warning("could not re-send %s (%s: %s); it goes back on its queue",
+                           request.id, type(exc).__name__, exc)  # fmt: skip
+            raise Reject(f"re-send failed: {exc}", requeue=True) from exc
         return Retry(reason, None, when=countdown)
 
     def dead_letter(self, reason: str, error: BaseException | None = None) -> DeadLetter:

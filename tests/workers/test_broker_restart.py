@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -58,6 +59,72 @@ def test_held_deliveries_run_once_the_broker_is_back(
         assert not problems, "\n".join(problems)
     finally:
         broker.stop()
+
+
+def test_a_retry_that_cannot_be_sent_goes_back_on_its_queue(
+    redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task fails while the broker is away and its retry cannot be published: its message
+    goes back on its queue as it is (runs again once the broker is back), and FAILURE is
+    never stored for it (it was, and the deferred ack then dropped the message)."""
+    broker = EmbeddedRedis(appendonly=True, config=("appendfsync always",)).start()
+    try:
+        apart = {"CELERY_BROKER_URL": broker.url, "CELERY_RESULT_BACKEND": redis_url}
+        for name, value in apart.items():
+            monkeypatch.setenv(name, value)
+        get_settings.cache_clear()
+        resources.forget()
+        gateway = dependency("inventory")  # its state is on the broker's Redis
+        gateway.set_latency(2.0)
+        env = {**apart, **FAILOVER_ENV}
+        worker = Worker(redis_url, ["inventory"], name="unsent", concurrency=1, env=env,
+                        log=tmp_path / "unsent.log").start()  # fmt: skip
+        try:
+            app = client(Settings.from_env({"REDIS_URL": redis_url, **apart}))
+            sent = app.send_task("inventory.reserve", args=["a", 1])
+            poll(lambda: gateway.calls() >= 1, deadline=30, what="the task running")
+            states = StateWatch(redis_url, sent.id).start()
+            # The call ends with the broker gone (the dependency's state is there): it
+            # fails, transient, and the publish of its retry fails too.
+            broker.kill()
+            poll(lambda: "could not re-send" in worker.log.read_text(), deadline=60,
+                 what="the retry's publish given up")  # fmt: skip
+            broker.restart()
+            assert sent.get(timeout=45)["sku"] == "a"
+            assert "FAILURE" not in states.stop(), states.seen
+        finally:
+            problems = worker.stop_and_check()
+        assert not problems, "\n".join(problems)
+    finally:
+        broker.stop()
+
+
+class StateWatch:
+    """Every state the result backend holds for one task, read every 20 ms on a thread."""
+
+    def __init__(self, url: str, task_id: str) -> None:
+        self.client = redis.Redis.from_url(url)
+        self.key = f"celery-task-meta-{task_id}"
+        self.seen: list[str] = []
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+
+    def start(self) -> StateWatch:
+        self.thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self.done.wait(0.02):
+            raw = self.client.get(self.key)
+            state = json.loads(json.loads(raw)["payload"])["status"] if raw else "PENDING"
+            if not self.seen or self.seen[-1] != state:
+                self.seen.append(state)
+
+    def stop(self) -> list[str]:
+        self.done.set()
+        self.thread.join(5)
+        self.client.close()
+        return self.seen
 
 
 def broker_unacked(broker: EmbeddedRedis) -> int:

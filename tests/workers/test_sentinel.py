@@ -29,20 +29,25 @@ pytestmark = pytest.mark.integration
 FAST = {**FAILOVER_ENV, "BULWARK_SENTINEL_MASTER": Sentinels.NAME}
 
 
-def outcome(result: AsyncResult) -> Any:
+def outcome(result: AsyncResult, failures: list[str]) -> Any:
     """The task's result. Celery's result consumer raises while the master is gone
     (ConnectionError, then MasterNotFoundError until the sentinels agree on a new one,
     sometimes wrapped in kombu's OperationalError): a caller asks again, as here.
 
-    Each poll reads the result anew: a task whose retry could not be published while the
-    broker was away is stored as FAILURE (that OperationalError), then as SUCCESS when its
-    redelivery runs, and an AsyncResult keeps the first state it saw."""
+    Each poll reads the result anew and notes a FAILURE it sees in `failures` (a task whose
+    retry could not be published while the broker was away was stored as FAILURE; its
+    message now goes back on its queue instead)."""
 
     def got() -> Any:
+        fresh = result.app.AsyncResult(result.id)
         try:
-            return result.app.AsyncResult(result.id).get(timeout=10)
+            value = fresh.get(timeout=10, propagate=False)
         except (redis.ConnectionError, MasterNotFoundError, OperationalError):
             return None
+        if fresh.state == "FAILURE":
+            failures.append(f"{result.id}: {value!r}")
+            return None
+        return value
 
     return poll(got, deadline=90, every=0.2, what=f"the result of {result.id}")
 
@@ -78,9 +83,11 @@ def test_the_fleet_survives_a_master_failover(
 
             killer = threading.Thread(target=kill_after_five)
             killer.start()
-            done = [outcome(result)["sku"] for result in sent]
+            failures: list[str] = []
+            done = [outcome(result, failures)["sku"] for result in sent]
             killer.join()
             assert done == [f"a{i}" for i in range(20)], "every task ran, none lost"
+            assert not failures, "no task was ever stored as FAILURE"
             assert group.master_port() == new != old, "the sentinels promoted the replica"
             # The breaker's state came over with the replica, and goes on there.
             breakers = {b.name: b for b in list_breakers(shared)}
