@@ -7,6 +7,7 @@ import contextlib
 import json
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -25,78 +26,84 @@ from workers.transport import GuardedQoS, GuardedTransport, unsettled
 pytestmark = pytest.mark.integration
 
 
-def test_held_deliveries_run_once_the_broker_is_back(
-    redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Every write on disk at once: the restarted broker has what the killed one had.
+@dataclass
+class Apart:
+    """A broker of its own (restartable, every write on disk at once, so the restarted
+    broker has what the killed one had), results and policies on the session's Redis."""
+
+    broker: EmbeddedRedis
+    env: dict[str, str]
+
+
+@pytest.fixture
+def apart(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Apart]:
     broker = EmbeddedRedis(appendonly=True, config=("appendfsync always",)).start()
     try:
-        apart = {"CELERY_BROKER_URL": broker.url, "CELERY_RESULT_BACKEND": redis_url}
-        for name, value in apart.items():
+        env = {"CELERY_BROKER_URL": broker.url, "CELERY_RESULT_BACKEND": redis_url}
+        for name, value in env.items():
             monkeypatch.setenv(name, value)
         get_settings.cache_clear()
         resources.forget()
-        gateway = dependency("notifications")  # its state is on the broker's Redis
-        gateway.set_latency(2.0)
-        # One process that reserves four: while the first runs, three wait in `unacked`.
-        env = {**apart, **FAILOVER_ENV, "BULWARK_PREFETCH_MULTIPLIER": "4"}
-        worker = Worker(redis_url, ["notifications"], name="held", concurrency=1, env=env,
-                        log=tmp_path / "held.log").start()  # fmt: skip
-        try:
-            app = client(Settings.from_env({"REDIS_URL": redis_url, **apart}))
-            sent = [app.send_task("notifications.send", args=[f"u{i}", "hi"]) for i in range(4)]
-            poll(lambda: broker_unacked(broker) == 4, deadline=30, what="four held")
-            poll(lambda: gateway.calls() >= 1, deadline=30, what="the first one running")
-            broker.kill()  # the worker's restore of the three it holds fails: kept
-            poll(lambda: "deferred until it is back" in worker.log.read_text(), deadline=30,
-                 what="the restore deferred")  # fmt: skip
-            broker.restart()
-            # Back within seconds (the visibility timeout is an hour).
-            assert [r.get(timeout=45) is not None for r in sent] == [True] * 4
-            assert "settled now the broker is back: restore" in worker.log.read_text()
-        finally:
-            problems = worker.stop_and_check(expected=("Couldn't ack",))
-        assert not problems, "\n".join(problems)
+        yield Apart(broker, env)
     finally:
         broker.stop()
+        get_settings.cache_clear()
+        resources.forget()
+
+
+def test_held_deliveries_run_once_the_broker_is_back(
+    apart: Apart, redis_url: str, tmp_path: Path
+) -> None:
+    gateway = dependency("notifications")  # its state is on the broker's Redis
+    gateway.set_latency(2.0)
+    # One process that reserves four: while the first runs, three wait in `unacked`.
+    env = {**apart.env, **FAILOVER_ENV, "BULWARK_PREFETCH_MULTIPLIER": "4"}
+    worker = Worker(redis_url, ["notifications"], name="held", concurrency=1, env=env,
+                    log=tmp_path / "held.log").start()  # fmt: skip
+    try:
+        app = client(Settings.from_env({"REDIS_URL": redis_url, **apart.env}))
+        sent = [app.send_task("notifications.send", args=[f"u{i}", "hi"]) for i in range(4)]
+        poll(lambda: broker_unacked(apart.broker) == 4, deadline=30, what="four held")
+        poll(lambda: gateway.calls() >= 1, deadline=30, what="the first one running")
+        apart.broker.kill()  # the worker's restore of the three it holds fails: kept
+        poll(lambda: "deferred until it is back" in worker.log.read_text(), deadline=30,
+             what="the restore deferred")  # fmt: skip
+        apart.broker.restart()
+        # Back within seconds (the visibility timeout is an hour).
+        assert [r.get(timeout=45) is not None for r in sent] == [True] * 4
+        assert "settled now the broker is back: restore" in worker.log.read_text()
+    finally:
+        problems = worker.stop_and_check(expected=("Couldn't ack",))
+    assert not problems, "\n".join(problems)
 
 
 def test_a_retry_that_cannot_be_sent_goes_back_on_its_queue(
-    redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    apart: Apart, redis_url: str, tmp_path: Path
 ) -> None:
     """A task fails while the broker is away and its retry cannot be published: its message
     goes back on its queue as it is (runs again once the broker is back), and FAILURE is
     never stored for it (it was, and the deferred ack then dropped the message)."""
-    broker = EmbeddedRedis(appendonly=True, config=("appendfsync always",)).start()
+    gateway = dependency("inventory")  # its state is on the broker's Redis
+    gateway.set_latency(2.0)
+    env = {**apart.env, **FAILOVER_ENV}
+    worker = Worker(redis_url, ["inventory"], name="unsent", concurrency=1, env=env,
+                    log=tmp_path / "unsent.log").start()  # fmt: skip
     try:
-        apart = {"CELERY_BROKER_URL": broker.url, "CELERY_RESULT_BACKEND": redis_url}
-        for name, value in apart.items():
-            monkeypatch.setenv(name, value)
-        get_settings.cache_clear()
-        resources.forget()
-        gateway = dependency("inventory")  # its state is on the broker's Redis
-        gateway.set_latency(2.0)
-        env = {**apart, **FAILOVER_ENV}
-        worker = Worker(redis_url, ["inventory"], name="unsent", concurrency=1, env=env,
-                        log=tmp_path / "unsent.log").start()  # fmt: skip
-        try:
-            app = client(Settings.from_env({"REDIS_URL": redis_url, **apart}))
-            sent = app.send_task("inventory.reserve", args=["a", 1])
-            poll(lambda: gateway.calls() >= 1, deadline=30, what="the task running")
-            states = StateWatch(redis_url, sent.id).start()
-            # The call ends with the broker gone (the dependency's state is there): it
-            # fails, transient, and the publish of its retry fails too.
-            broker.kill()
-            poll(lambda: "could not re-send" in worker.log.read_text(), deadline=60,
-                 what="the retry's publish given up")  # fmt: skip
-            broker.restart()
-            assert sent.get(timeout=45)["sku"] == "a"
-            assert "FAILURE" not in states.stop(), states.seen
-        finally:
-            problems = worker.stop_and_check()
-        assert not problems, "\n".join(problems)
+        app = client(Settings.from_env({"REDIS_URL": redis_url, **apart.env}))
+        sent = app.send_task("inventory.reserve", args=["a", 1])
+        poll(lambda: gateway.calls() >= 1, deadline=30, what="the task running")
+        states = StateWatch(redis_url, sent.id).start()
+        # The call ends with the broker gone (the dependency's state is there): it fails,
+        # transient, and the publish of its retry fails too.
+        apart.broker.kill()
+        poll(lambda: "could not re-send" in worker.log.read_text(), deadline=60,
+             what="the retry's publish given up")  # fmt: skip
+        apart.broker.restart()
+        assert sent.get(timeout=45)["sku"] == "a"
+        assert "FAILURE" not in states.stop(), states.seen
     finally:
-        broker.stop()
+        problems = worker.stop_and_check()
+    assert not problems, "\n".join(problems)
 
 
 class StateWatch:
