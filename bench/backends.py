@@ -18,9 +18,10 @@ client, in-process (a Sentinel client's connections cannot be counted: it talks 
 master, as `redis` does).
 
 `--failover` then: 400 10 ms tasks sent, and after 100 are done the cluster master that
-serves the breaker, the sentinels' master, or a RabbitMQ node of the bench's own (killed
-and started again: one node has no replica) SIGKILLed; prints the longest gap between
-two task completions (the unavailability a caller sees) and the tasks lost (goal 0).
+serves the breaker, the sentinels' master, or the RabbitMQ node that leads the quorum
+queue (a cluster of three nodes of the bench's own, the broker URL naming them all)
+SIGKILLed; prints the longest gap between two task completions (the unavailability a
+caller sees) and the tasks lost (goal 0).
 
 Figures, not asserts: run it on a quiet machine and read them.
 """
@@ -49,7 +50,7 @@ from bench.benchtasks import DONE, FINISHED  # noqa: E402
 from bench.measure import commands  # noqa: E402
 from bench.policies_overhead import CountingConnection, guarded_round_trips  # noqa: E402
 from policies import keys  # noqa: E402
-from tests.topologies import Cluster, RabbitNode, RabbitVhost, Sentinels  # noqa: E402
+from tests.topologies import Cluster, RabbitCluster, RabbitVhost, Sentinels  # noqa: E402
 from workers import resources, settings  # noqa: E402
 from workers.client import client  # noqa: E402
 from workers.ops.embedded import EmbeddedRedis  # noqa: E402
@@ -166,11 +167,11 @@ def failover(name: str, reference: EmbeddedRedis, log: Path) -> None:
         topology = Sentinels().start()
         env = {"REDIS_URL": topology.url, "BULWARK_SENTINEL_MASTER": Sentinels.NAME}
         victim = lambda: topology.master  # noqa: E731
-    else:  # a RabbitMQ node of its own, SIGKILLed and started again (one node: no replica)
-        topology = RabbitNode().start()
+    else:  # three RabbitMQ nodes of its own: the quorum queue's leader is killed
+        topology = RabbitCluster().start()
         env = {"REDIS_URL": reference.url, "CELERY_BROKER_URL": topology.url,
                "CELERY_RESULT_BACKEND": reference.url}  # fmt: skip
-        victim = lambda: topology  # noqa: E731
+        victim = lambda: topology.leader_of("default")  # noqa: E731
     try:
         os.environ.update({**env, "BENCH_RECORD_URL": reference.url})
         settings.get_settings.cache_clear()
@@ -187,8 +188,6 @@ def failover(name: str, reference: EmbeddedRedis, log: Path) -> None:
             if killed_at is None and len(finished) >= 100:
                 victim().kill()
                 killed_at = time.time()
-                if name == "rabbitmq":
-                    topology.start()
             if len({f.decode() for f, _ in finished} & ids) == len(ids):
                 break
             time.sleep(0.05)

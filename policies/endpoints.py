@@ -8,7 +8,9 @@ backend (`CELERY_RESULT_BACKEND`) are three settings, each one of:
   sentinels (kombu's and Celery's form; the master's name is a setting);
 - `redis+cluster://host:port;...` (or `rediss+cluster://`): a Redis Cluster, any
   node(s) to start from, database 0 only;
-- `amqp://`, `pyamqp://`, `amqps://`: RabbitMQ.
+- `amqp://`, `pyamqp://`, `amqps://`: RabbitMQ; `amqp://a;amqp://b;...` names the
+  nodes of a cluster, tried in turn (kombu's failover: Celery moves to the next one when
+  the node it is connected to goes away).
 
 `problems()` says which mix cannot work, before anything connects.
 """
@@ -81,9 +83,9 @@ def parse(url: str) -> Endpoint:
     parts = [p for p in text.split(";") if p.strip()]
     if len(parts) > MAX_NODES:
         raise BadEndpoint(f"names {len(parts)} nodes; at most {MAX_NODES}")
-    if len(parts) > 1 and kind not in ("sentinel", "cluster"):
-        raise BadEndpoint(f"{scheme}:// names one server; only sentinel:// and "
-                         "redis+cluster:// take a ;-separated list")  # fmt: skip
+    if len(parts) > 1 and kind not in ("sentinel", "cluster", "amqp"):
+        raise BadEndpoint(f"{scheme}:// names one server; only sentinel://, redis+cluster:// "
+                         "and amqp:// take a ;-separated list")  # fmt: skip
     splits = [_node(p.strip(), scheme) for p in parts]
     nodes: list[tuple[str, int]] = []
     for split in splits:

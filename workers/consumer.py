@@ -14,9 +14,10 @@ raise is refused the same way.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 from celery.worker.consumer import Consumer
 from kombu.exceptions import ContentDisallowed, DecodeError
@@ -24,6 +25,7 @@ from kombu.serialization import registry
 from vine import promise
 
 from policies.deadletter import DeadLetter
+from workers.delayed_delivery import CELERY_STEP, STEP
 from workers.envelope import body_problem, eta_problem, header_problem, kept_raw
 from workers.resources import broker_redis
 from workers.security.audit import Action, record_message
@@ -66,8 +68,26 @@ JSON = "application/json"
 #: Set on a message once it is kept, so that one message is never kept twice.
 KEPT = "_bulwark_dead_lettered"
 
+#: How the consumer tries the broker again after losing it: after 0.5 s, then 1.5 s
+#: more, ... at most 5 s apart. Celery's (kombu's defaults: 2 s, then 4 s, ... 30 s)
+#: added 4 s to a Sentinel failover the sentinels had done in one.
+RECONNECT = {"interval_start": 0.5, "interval_step": 1.0, "interval_max": 5.0}
+
 
 class GuardedConsumer(Consumer):  # type: ignore[misc]
+    class Blueprint(Consumer.Blueprint):  # type: ignore[misc]
+        default_steps: ClassVar[list[str]] = [
+            STEP if s == CELERY_STEP else s for s in Consumer.Blueprint.default_steps
+        ]
+
+    def ensure_connected(self, conn: Any) -> Any:
+        # Celery's, with the intervals of `RECONNECT` (it passes none to kombu).
+        conn.ensure_connection = functools.partial(conn.ensure_connection, **RECONNECT)
+        try:
+            return super().ensure_connected(conn)
+        finally:
+            del conn.ensure_connection  # the class's method again
+
     def _dead_letter(self, message: Any, reason: str, exc: BaseException | None) -> None:
         if getattr(message, KEPT, False):
             return

@@ -25,6 +25,7 @@ from policies.degradation import Degradation, DegradationConfig
 from policies.degradation.store import RedisDegradationStore
 from workers.amqp import AmqpBroker
 from workers.registry import Declaration, registry
+from workers.secrets import hide_password
 from workers.settings import get_settings
 from workers.stores import connect
 
@@ -38,7 +39,6 @@ __all__ = [
     "forget",
     "policy",
     "policy_redis",
-    "redact_url",
     "wait_for_redis",
 ]
 
@@ -127,16 +127,6 @@ class RedisUnavailable(RuntimeError):
     """Redis could not be reached (or started) within the deadline."""
 
 
-def redact_url(url: str) -> str:
-    """The URL with any password replaced, safe to print."""
-    if "@" not in url or "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    creds, host = rest.rsplit("@", 1)
-    user = creds.split(":", 1)[0] if ":" in creds else ""
-    return f"{scheme}://{user}:***@{host}"
-
-
 def wait_for_redis(
     url: str, deadline: float = CONNECT_DEADLINE, *, master: str = "mymaster"
 ) -> redis.Redis:
@@ -152,18 +142,18 @@ def wait_for_redis(
         except redis.AuthenticationError as exc:
             client.close()
             raise RedisUnavailable(
-                f"Redis at {redact_url(url)} refused the credentials: {exc}. "
+                f"Redis at {hide_password(url)} refused the credentials: {exc}. "
                 "Fix the user or password in the URL."
             ) from None
         except redis.ResponseError as exc:  # NOAUTH and the like: asking again will not help
             client.close()
-            raise RedisUnavailable(f"Redis at {redact_url(url)} refused PING: {exc}") from None
+            raise RedisUnavailable(f"Redis at {hide_password(url)} refused PING: {exc}") from None
         except redis.RedisError as exc:
             last = exc
             time.sleep(0.05)
     client.close()
     raise RedisUnavailable(
-        f"cannot reach Redis at {redact_url(url)} within {deadline:g} s: "
+        f"cannot reach Redis at {hide_password(url)} within {deadline:g} s: "
         f"{str(last).rstrip('.')}. "
         "Start Redis there, fix REDIS_URL, or unset it to use an embedded redis-server."
     )

@@ -59,7 +59,7 @@ def describe(url: str) -> str:
         "redis": "redis" if endpoint.scheme != "unix" else "redis (unix socket)",
         "sentinel": f"redis sentinel ({nodes} sentinels)",
         "cluster": f"redis cluster ({nodes} seed nodes)",
-        "amqp": "rabbitmq",
+        "amqp": "rabbitmq" if nodes < 2 else f"rabbitmq ({nodes} nodes)",
     }[endpoint.kind]
 
 

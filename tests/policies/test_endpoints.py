@@ -28,6 +28,8 @@ class TestParse:
         assert (c.kind, len(c.nodes), c.tls) == ("cluster", 2, False)
         assert parse("rediss+cluster://h:7000?ssl_cert_reqs=required").tls
         assert parse(AMQP).kind == "amqp" and parse(AMQP).password == "guest"
+        nodes = parse("amqp://u:p@r1:5672//;amqp://u:p@r2:5672//;amqp://u:p@r3:5673//")
+        assert nodes.nodes == (("r1", 5672), ("r2", 5672), ("r3", 5673))
         assert parse("unix:///run/redis.sock?db=3").db == 3
 
     @pytest.mark.parametrize(
@@ -37,6 +39,7 @@ class TestParse:
             ("redis+cluster://h:7000/1", "database 0 only"),
             ("sentinel://h", "needs host:port"),
             ("sentinel://h:1;redis://h:2", "mixes sentinel:// and redis://"),
+            ("amqp://h:1;redis://h:2", "mixes amqp:// and redis://"),
             ("redis://a:1;redis://b:2", "names one server"),
             ("redis://h:99999/0", "is not a number from 0 to 65535"),
             ("redis://h:1/zero", "database 'zero' is not a number"),

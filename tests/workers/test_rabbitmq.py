@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,11 @@ from policies.breaker import list_breakers
 from policies.deadletter import DeadLetterStore
 from tasks.dependencies import dependency
 from tests.kit import Worker, poll
-from tests.topologies import FAILOVER_ENV, RabbitNode, RabbitVhost, Sentinels
+from tests.topologies import FAILOVER_ENV, RabbitCluster, RabbitNode, RabbitVhost, Sentinels
 from workers import resources
 from workers.amqp import AmqpBroker
 from workers.client import client
+from workers.delayed_delivery import nodes_in_order
 from workers.ops.cli import main as bulwark
 from workers.resources import policy_redis
 from workers.settings import Settings, get_settings
@@ -34,7 +36,7 @@ pytestmark = pytest.mark.integration
 
 @contextlib.contextmanager
 def on_rabbitmq(
-    vhost: RabbitVhost | RabbitNode,
+    vhost: RabbitVhost | RabbitNode | RabbitCluster,
     redis_url: str,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -259,3 +261,43 @@ class TestRabbitMQCrash:
                 assert done == [f"k{i}" for i in range(30)], "every task ran, none lost"
         finally:
             node.stop()
+
+    def test_the_quorum_queue_leader_killed_mid_run(
+        self, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Three nodes, the broker URL naming them all: the node that leads the queue (and
+        holds the worker's and the client's connections) is SIGKILLed mid-run; a follower
+        takes over the queue, both move to another node, and no task is lost."""
+        cluster = RabbitCluster().start()
+        try:
+            with on_rabbitmq(cluster, redis_url, tmp_path, monkeypatch, name="quorum",
+                             expected=("Couldn't ack",)) as (worker, app):  # fmt: skip
+                assert reserve(app, "first").get(timeout=30)["sku"] == "first"
+                leader = cluster.leader_of("inventory")
+                assert leader is not None
+                sent = [reserve(app, f"q{i}") for i in range(30)]  # each publish confirmed
+                poll(lambda: sum(r.ready() for r in sent) >= 5, deadline=30, what="5 done")
+                leader.kill()
+                done = [r.get(timeout=90)["sku"] for r in sent]
+                assert done == [f"q{i}" for i in range(30)], "every task ran, none lost"
+                now = cluster.leader_of("inventory")
+                assert now is not None and now is not leader, "a follower leads the queue"
+                # The delay exchanges are the cluster's: a countdown still goes through them.
+                assert reserve(app, "after", countdown=1).get(timeout=30)["sku"] == "after"
+                log = worker.log.read_text()
+                assert "delayed delivery could not be set up" not in log
+                assert "Retrying delayed delivery setup" not in log, "no node waited for"
+        finally:
+            cluster.stop()
+
+
+def test_delayed_delivery_is_set_up_through_the_connected_node_first() -> None:
+    urls = {"amqp://u:p@r1:5672//", "amqp://u:p@r2:5672//", "amqp://u:p@r3:5672//"}
+    listed = "amqp://u:p@r1:5672//;amqp://u:p@r2:5672//;amqp://u:p@r3:5672//"
+    on_r2 = types.SimpleNamespace(hostname="r2", port=5672)
+    assert nodes_in_order(urls, listed, on_r2) == [
+        "amqp://u:p@r2:5672//",
+        "amqp://u:p@r1:5672//",
+        "amqp://u:p@r3:5672//",
+    ]
+    assert nodes_in_order(urls, listed, None)[0] == "amqp://u:p@r1:5672//"

@@ -27,8 +27,9 @@ from workers.ops.acl import Acl, supported
 from workers.ops.embedded import EmbeddedRedis, find_redis_server, redis_version
 from workers.ops.manager import SupervisedManager
 from workers.procfile import ProcfileError, read_procfile
-from workers.resources import redact_url, wait_for_redis
+from workers.resources import wait_for_redis
 from workers.scaling.groups import parse_worker_command
+from workers.secrets import hide_password
 from workers.security.keys import dev_keys
 from workers.settings import Settings
 
@@ -204,7 +205,7 @@ def banner(
     lines = [
         "",
         "Bulwark fleet starting: " + ", ".join(fleet.processes),
-        f"  Redis     {redact_url(redis_url)}  ({where})",
+        f"  Redis     {hide_password(redis_url)}  ({where})",
     ]
     if acl:
         lines.append(f"  ACL       {acl}")
@@ -221,7 +222,7 @@ def banner(
             f"  Keys      {fleet.keys_folder}  (a producer: bulwark keys new-producer NAME "
             "--allow 'payments.*')"
         )
-    operator = operator or f"REDIS_URL={redact_url(redis_url)}"
+    operator = operator or f"REDIS_URL={hide_password(redis_url)}"
     lines += [
         f"  Status    {operator} bulwark status",
         f"  Dead      {operator} bulwark deadletter list",
