@@ -13,13 +13,21 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable
+from datetime import UTC, datetime
 from typing import Any
 
 from amqp.exceptions import AMQPError, NotFound
 from kombu import Connection, Exchange, Queue
 from kombu.exceptions import OperationalError
 
-__all__ = ["BROKER_ERRORS", "DEAD_EXCHANGE", "DEAD_QUEUE", "AmqpBroker", "declare_dead_letters"]
+__all__ = [
+    "BROKER_ERRORS",
+    "DEAD_EXCHANGE",
+    "DEAD_QUEUE",
+    "AmqpBroker",
+    "declare_dead_letters",
+    "whole_seconds",
+]
 
 #: What reaching RabbitMQ may raise (a Redis broker raises `redis.RedisError`).
 BROKER_ERRORS = (OSError, OperationalError, AMQPError)
@@ -87,3 +95,23 @@ class AmqpBroker:
             if self._connection is not None:
                 self._connection.release()
                 self._connection = None
+
+
+def whole_seconds(countdown: float | None, eta: Any) -> tuple[float | None, Any]:
+    """(countdown, eta) for a send through native delayed delivery (quorum queues): a delay
+    under a second becomes one second.
+
+    RabbitMQ's delay exchanges count whole seconds, and Celery truncates the delay to
+    one: under a second it raises `ValueError: countdown must be a positive number` (a
+    retry 100 ms later failed the task). A delay of 1.5 s is still held for 1 s.
+    """
+    ahead = countdown
+    if eta is not None:
+        due = datetime.fromisoformat(eta) if isinstance(eta, str) else eta
+        if not isinstance(due, datetime):
+            return countdown, eta  # Celery says what is wrong with it
+        due = due if due.tzinfo is not None else due.replace(tzinfo=UTC)
+        ahead = (due - datetime.now(UTC)).total_seconds()
+    if ahead is not None and 0 < ahead < 1:
+        return 1.0, None
+    return countdown, eta

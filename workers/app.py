@@ -13,6 +13,7 @@ from celery import Celery
 
 from policies.errors import PolicyConfigError
 from workers import balancing, lifecycle, quiet
+from workers.amqp import whole_seconds
 from workers.celeryconfig import build_config
 from workers.security import audit, results, sealed, signer
 from workers.settings import SettingsError, get_settings
@@ -38,8 +39,12 @@ class Bulwark(Celery):  # type: ignore[misc]
     control_cls = "workers.security.control:SignedControl"
 
     def send_task(self, name: str, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
-        """Celery's, with the arguments of an encrypted task sealed (a retry is sealed anew)."""
+        """Celery's, with the arguments of an encrypted task sealed (a retry is sealed anew),
+        and on RabbitMQ's delay exchanges a delay of at least a second (`whole_seconds`)."""
         args, kwargs = sealed.seal_send(name, args, kwargs, options)
+        if get_settings().delays_in_broker:
+            countdown, eta = whole_seconds(options.pop("countdown", None), options.pop("eta", None))
+            options.update(countdown=countdown, eta=eta)
         return super().send_task(name, args, kwargs, **options)
 
     def task(self, *args: Any, **opts: Any) -> Any:

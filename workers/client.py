@@ -18,6 +18,7 @@ from typing import Any
 from celery import Celery
 
 from policies.authz import authorize
+from workers.amqp import whole_seconds
 from workers.celeryconfig import build_config
 from workers.security import results, sealed, signer
 from workers.security.context import Security, security
@@ -83,6 +84,8 @@ class Producer(Celery):  # type: ignore[misc]
     """
 
     horizon: float = float("inf")
+    #: Countdowns wait in RabbitMQ's delay exchanges, in whole seconds (`whole_seconds`).
+    delays_in_broker = False
     _rate = _Rate()
     #: Remote control commands are signed too (`workers.security.control`).
     control_cls = "workers.security.control:SignedControl"
@@ -136,6 +139,8 @@ class Producer(Celery):  # type: ignore[misc]
             if problem is not None:
                 raise EnqueueRefused(f"{name}: {problem}. Nothing was sent.")
         args, kwargs = sealed.seal_send(name, args, kwargs, options)
+        if self.delays_in_broker:
+            countdown, eta = whole_seconds(countdown, eta)
         return super().send_task(name, args, kwargs, countdown=countdown, eta=eta, **options)
 
 
@@ -156,4 +161,5 @@ def client(settings: Settings | None = None, *, name: str = "bulwark-client") ->
     results.install(app)
     app.conf.update({k: config[k] for k in PRODUCER_KEYS if k in config})
     app.horizon = settings.countdown_horizon
+    app.delays_in_broker = settings.delays_in_broker
     return app

@@ -908,6 +908,12 @@ class Settings:
         return endpoints.parse(self.broker).kind == "amqp"
 
     @property
+    def delays_in_broker(self) -> bool:
+        """Whether countdowns wait in RabbitMQ's delay exchanges (Celery's native delayed
+        delivery, on quorum queues), in whole seconds."""
+        return self.rabbitmq and self.scaling.amqp_queue_type == "quorum"
+
+    @property
     def all_queues(self) -> tuple[str, ...]:
         """Every queue the fleet knows, bulkhead queues first."""
         fixed = (DEFAULT_QUEUE, ALERTS_QUEUE, DEADLETTER_QUEUE)

@@ -10,11 +10,14 @@ import io
 import json
 import types
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from celery import Celery
+from hypothesis import given
+from hypothesis import strategies as st
 from kombu import Connection
 
 from policies.breaker import list_breakers
@@ -23,7 +26,7 @@ from tasks.dependencies import dependency
 from tests.kit import Worker, poll
 from tests.topologies import FAILOVER_ENV, RabbitCluster, RabbitNode, RabbitVhost, Sentinels
 from workers import resources
-from workers.amqp import AmqpBroker
+from workers.amqp import AmqpBroker, whole_seconds
 from workers.client import client
 from workers.delayed_delivery import nodes_in_order
 from workers.ops.cli import main as bulwark
@@ -137,6 +140,24 @@ class TestRabbitMQBroker:
             assert later.state == "PENDING"
             assert sum(ready for ready, _consumers in levels.values()) == 1
             assert later.get(timeout=30)["sku"] == "later"
+
+    def test_sub_second_retries_and_countdowns_wait_a_second(
+        self, rabbitmq: RabbitVhost, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Celery raised `countdown must be a positive number` for a delay under a second
+        on RabbitMQ's delay exchanges: a retry 50 ms later failed the task."""
+        with on_rabbitmq(rabbitmq, redis_url, tmp_path, monkeypatch, name="subsecond") as (
+            worker,
+            app,
+        ):
+            gateway = dependency("inventory")
+            gateway.set_outage(0.5)  # the first call fails: retried after 50-200 ms
+            retried = reserve(app, "retried")
+            soon = reserve(app, "soon", countdown=0.3)
+            assert retried.get(timeout=30)["sku"] == "retried"
+            assert soon.get(timeout=30)["sku"] == "soon"
+            assert gateway.calls() >= 3, "the retried task's call failed, then went through"
+            assert "countdown must be" not in worker.log.read_text()
 
     def test_no_task_is_lost_when_the_broker_drops_every_connection(
         self, rabbitmq: RabbitVhost, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -301,3 +322,21 @@ def test_delayed_delivery_is_set_up_through_the_connected_node_first() -> None:
         "amqp://u:p@r3:5672//",
     ]
     assert nodes_in_order(urls, listed, None)[0] == "amqp://u:p@r1:5672//"
+
+
+@given(st.floats(min_value=-1e6, max_value=1e6, allow_nan=False) | st.none())
+def test_a_delay_on_the_delay_exchanges_is_never_under_a_second(countdown: float | None) -> None:
+    got, eta = whole_seconds(countdown, None)
+    assert eta is None
+    if countdown is not None and 0 < countdown < 1:
+        assert got == 1.0
+    else:
+        assert got == countdown
+
+
+def test_an_eta_within_a_second_becomes_a_one_second_countdown() -> None:
+    soon = datetime.now(UTC) + timedelta(milliseconds=400)
+    assert whole_seconds(None, soon) == (1.0, None)
+    assert whole_seconds(None, soon.isoformat()) == (1.0, None)
+    later = soon + timedelta(seconds=10)
+    assert whole_seconds(None, later) == (None, later)
