@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import os
 import signal
-import socket
 import subprocess
 import sys
 import urllib.error
@@ -15,14 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests import kit
-from tests.kit import ROOT, child_env
+from tests.kit import ROOT, child_env, free_port
 from workers.security.keys import dev_keys
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

@@ -13,7 +13,6 @@ trusts another CA is refused.
 from __future__ import annotations
 
 import contextlib
-import socket
 import ssl
 import subprocess
 import urllib.parse
@@ -29,7 +28,7 @@ from policies import keys
 from policies.deadletter import DeadLetterStore
 from policies.once import ExecuteOnce
 from tests.certs import TlsFiles, authority, server_files
-from tests.kit import Worker, need, poll
+from tests.kit import Worker, free_port, need, poll
 from workers import guard, resources, settings
 from workers.celeryconfig import build_config
 from workers.client import client
@@ -72,7 +71,7 @@ class TlsRedis:
     def start(self, deadline: float = 10.0) -> TlsRedis:
         """Start and wait for a verified PING; never leaves a server behind if that fails."""
         for _attempt in range(5):
-            self.port = _free_port()
+            self.port = free_port()
             self._spawn()
             try:
                 poll(self._ready, deadline=deadline, what=f"TLS redis-server on {self.port}")
@@ -134,12 +133,6 @@ class TlsRedis:
                 self.process.kill()
                 self.process.wait()
         self.process = None
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.contextmanager

@@ -3,7 +3,6 @@ each process as its role's Redis ACL user."""
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import re
@@ -12,8 +11,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -21,7 +18,7 @@ import redis
 
 from policies import keys
 from policies.deadletter import DeadLetterStore
-from tests.kit import ROOT, child_env, poll
+from tests.kit import ROOT, child_env, free_port, http_get, poll
 from workers.client import client
 from workers.fleet import heartbeat_key
 from workers.security import context
@@ -29,26 +26,6 @@ from workers.security.keys import dev_keys
 from workers.settings import Settings, get_settings
 
 pytestmark = pytest.mark.integration
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def http_get(url: str, auth: tuple[str, str] | None = None) -> tuple[int, bytes]:
-    request = urllib.request.Request(url)
-    if auth:
-        token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
-        request.add_header("Authorization", f"Basic {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, b""
-    except OSError:
-        return 0, b""
 
 
 def session_members(sessions: set[int]) -> list[int]:

@@ -6,7 +6,6 @@ import importlib
 import importlib.util
 import json
 import shutil
-import socket
 import subprocess
 import threading
 import urllib.request
@@ -18,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.kit import need, poll
+from tests.kit import free_port, need, poll
 from workers.telemetry.alerts.model import Alert, Condition
 from workers.telemetry.alerts.plan import Notification
 from workers.telemetry.alerts.sinks import (
@@ -88,12 +87,6 @@ class Receiver:
 def receiver() -> Iterator[Receiver]:
     with Receiver() as rec:
         yield rec
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def payload(status: str = "firing", **labels: str) -> dict[str, Any]:
