@@ -13,9 +13,9 @@ $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "Bulwark needs Python 3.11 or newer on PATH"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	# No byte-compiling of every installed module (half of the install's time): Python
-	# compiles what it imports, when it first does.
-	$(BIN)/python -m pip install --quiet --no-compile -e '.[dev]'
+	# pip byte-compiles what it installs: keep it (with PYTHONDONTWRITEBYTECODE set, as on
+	# CI, nothing else writes .pyc files and every process would compile its imports).
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $@
 
 run: $(STAMP)
