@@ -24,7 +24,7 @@ from policies.breaker import list_breakers
 from policies.deadletter import DeadLetterStore
 from tasks.dependencies import dependency
 from tests.kit import Worker, poll
-from tests.topologies import FAILOVER_ENV, RabbitCluster, RabbitNode, RabbitVhost, Sentinels
+from tests.topologies import FAILOVER_ENV, RabbitCluster, RabbitVhost, Sentinels
 from workers import resources
 from workers.amqp import AmqpBroker, whole_seconds
 from workers.client import client
@@ -39,7 +39,7 @@ pytestmark = pytest.mark.integration
 
 @contextlib.contextmanager
 def on_rabbitmq(
-    vhost: RabbitVhost | RabbitNode | RabbitCluster,
+    vhost: RabbitVhost | RabbitCluster,
     redis_url: str,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -265,24 +265,6 @@ class TestRabbitMQQueues:
 
 
 class TestRabbitMQCrash:
-    def test_the_broker_killed_and_restarted_loses_no_task(
-        self, rabbitmq: RabbitVhost, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-    ) -> None:
-        """SIGKILL a RabbitMQ node of the test's own mid-run and start it again: quorum
-        queues keep what publisher confirms acknowledged, and the worker reconnects."""
-        node = RabbitNode().start()
-        try:
-            with on_rabbitmq(node, redis_url, tmp_path, monkeypatch, name="crash",
-                             expected=("Couldn't ack",)) as (_w, app):  # fmt: skip
-                sent = [reserve(app, f"k{i}") for i in range(30)]  # each publish confirmed
-                poll(lambda: sum(r.ready() for r in sent) >= 5, deadline=30, what="5 done")
-                node.kill()
-                node.start()
-                done = [r.get(timeout=90)["sku"] for r in sent]
-                assert done == [f"k{i}" for i in range(30)], "every task ran, none lost"
-        finally:
-            node.stop()
-
     def test_the_quorum_queue_leader_killed_mid_run(
         self, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
