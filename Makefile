@@ -12,6 +12,8 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "Bulwark needs Python 3.11 or newer on PATH"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
+	# A current pip installs the project in 30 s, Python 3.11's own in 37 (upgrade: 5 s).
+	$(BIN)/python -m pip install --quiet --upgrade pip
 	# pip byte-compiles what it installs: keep it (with PYTHONDONTWRITEBYTECODE set, as on
 	# CI, nothing else writes .pyc files and every process would compile its imports).
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
