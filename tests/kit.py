@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -328,3 +329,12 @@ def http_get(url: str, auth: tuple[str, str] | None = None) -> tuple[int, bytes]
         return exc.code, b""
     except OSError:
         return 0, b""
+
+
+def embedded_redis(banner: str) -> tuple[int, Path]:
+    """From `bulwark up`'s banner: the embedded Redis's port, and the file that holds the
+    operator's password (the ACL users' passwords sit beside it)."""
+    port = re.search(r"redis://\S*127\.0\.0\.1:(\d+)", banner)
+    operator = re.search(r"BULWARK_REDIS_PASSWORD_FILE=(\S+)", banner)
+    assert port is not None and operator is not None, f"not a banner with ACL users:\n{banner}"
+    return int(port.group(1)), Path(operator.group(1))

@@ -18,7 +18,7 @@ import redis
 
 from policies import keys
 from policies.deadletter import DeadLetterStore
-from tests.kit import ROOT, child_env, free_port, http_get, poll
+from tests.kit import ROOT, child_env, embedded_redis, free_port, http_get, poll
 from workers.client import client
 from workers.fleet import heartbeat_key
 from workers.security import context
@@ -86,10 +86,9 @@ class TestUp:
                 what="the banner with Flower credentials",
             )
             auth = (banner.group(1), banner.group(2))
-            redis_port = int(re.search(r"redis://\S*127\.0\.0\.1:(\d+)", output()).group(1))
-            assert redis_port != 6379
             # The embedded Redis has ACL users; the banner says how to be its operator.
-            operator_file = Path(re.search(r"BULWARK_REDIS_PASSWORD_FILE=(\S+)", output()).group(1))
+            redis_port, operator_file = embedded_redis(output())
+            assert redis_port != 6379
             assert operator_file.name == "operator.password"
             passwords = {
                 p.stem: p.read_text().strip() for p in operator_file.parent.glob("*.password")

@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from policies import keys
-from tests.kit import ROOT, child_env, need, poll
+from tests.kit import ROOT, child_env, embedded_redis, need, poll
 from tests.topologies import RabbitVhost
 from workers.amqp import AmqpBroker
 
@@ -45,9 +45,7 @@ def test_the_fleet_runs_on_rabbitmq(tmp_path: Path) -> None:
         try:
             poll(lambda: "BULWARK_REDIS_PASSWORD_FILE=" in log.read_text(), deadline=30,
                  what="the banner")  # fmt: skip
-            text = log.read_text()
-            redis_port = int(re.search(r"redis://\S*127\.0\.0\.1:(\d+)", text).group(1))
-            operator_file = Path(re.search(r"BULWARK_REDIS_PASSWORD_FILE=(\S+)", text).group(1))
+            redis_port, operator_file = embedded_redis(log.read_text())
 
             def succeeded() -> set[str]:
                 return set(re.findall(r"Task ([\w.]+)\[\S+\] succeeded", log.read_text()))
