@@ -52,6 +52,10 @@ logger = logging.getLogger(__name__)
 #: Set on a kombu message by `GuardedQoS.append`: its (jti, exp), for the acknowledgement.
 JTI = "bulwark_jti"
 
+#: How long an acknowledgement made on the event loop may wait for the next delivery's
+#: record to carry it (one round trip for both) before it is sent alone.
+ACK_WITHIN = 0.01
+
 #: `task_name` of a dead letter whose message could not be read at all.
 UNREADABLE = "<unreadable message>"
 
@@ -123,7 +127,18 @@ class GuardedQoS(kombu_redis.QoS):
     """Restores unacked messages, quarantining entries of the `unacked` hash that do not parse;
     notes each signed message's jti as delivered, and as done when it is acknowledged, in
     the round trips that record and remove the delivery (`policies.replay`). An ack or a
-    restore that meets a broker gone away is kept and done once it is back (`_unsettled`)."""
+    restore that meets a broker gone away is kept and done once it is back (`_unsettled`).
+
+    An acknowledgement made on the worker's event loop (prefork: the main process, as a
+    child reports a task done) is not a round trip of its own: it rides on the pipeline
+    that records the next delivery, or goes alone after `ACK_WITHIN`, or when the channel
+    closes. kombu makes two round trips per task there, each waited for by the loop that
+    feeds every pool process. A worker killed in that window runs the task again after the
+    visibility timeout, as it would if killed just before its acknowledgement."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._bulwark_acks: list[tuple[Any, str | None]] = []  # (delivery tag, jti done)
 
     def append(self, message: Any, delivery_tag: Any) -> None:
         if _unsettled or _popped:  # a delivery: the broker answers again
@@ -132,17 +147,22 @@ class GuardedQoS(kombu_redis.QoS):
         delivery = message.delivery_info
         exchange, routing_key = delivery["exchange"], delivery["routing_key"]
         signed = jti_of(message)
+        acks = self._take_acks()
         try:
             with self.pipe_or_acquire() as pipe:
+                self._queue_acks(pipe, acks)
+                recorded = len(pipe)
                 pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()})
                 pipe.hset(self.unacked_key, delivery_tag, kombu_dumps([message._raw, exchange,
                                                                        routing_key]))  # fmt: skip
                 seen = self._replays().queue_seen(pipe, *signed) if signed else None
                 results = pipe.execute(raise_on_error=False)
-            errors = [r for r in results[:2] if isinstance(r, Exception)]
+            errors = [r for r in results[recorded : recorded + 2] if isinstance(r, Exception)]
             if errors:
                 raise errors[0]
         except _GONE as exc:
+            for tag, _ in acks:
+                self._defer(tag, "ack", exc)
             # Popped, not recorded: kombu drops the message when this raises. Keep it.
             with _unsettled_lock:
                 _popped.append((message._raw, exchange, routing_key))
@@ -165,14 +185,40 @@ class GuardedQoS(kombu_redis.QoS):
     def ack(self, delivery_tag: Any) -> None:
         message = self._delivered.get(delivery_tag)
         signed = getattr(message, JTI, None)  # noted by `append`, with the replay record
-        pipe = self._remove_from_indices(delivery_tag)
-        if signed is not None and getattr(message, JTI_SEEN, None) is not None:
-            Replays.queue_done(pipe, signed[0])
-        try:
-            pipe.execute()
-        except _GONE as exc:
-            self._defer(delivery_tag, "ack", exc)
+        jti = signed[0] if signed is not None and getattr(message, JTI_SEEN, None) else None
+        transport = self.channel.connection
+        loop = transport._bulwark_loop if transport is not None else None
+        if loop is not None and transport._bulwark_loop_thread == threading.get_ident():
+            # On the event loop: sent with the next delivery's record, or within ACK_WITHIN.
+            if not self._bulwark_acks:
+                loop.call_later(ACK_WITHIN, self.flush_acks)
+            self._bulwark_acks.append((delivery_tag, jti))
+        else:
+            self.flush_acks([(delivery_tag, jti)])
         kombu_redis.virtual.QoS.ack(self, delivery_tag)
+
+    def _take_acks(self) -> list[tuple[Any, str | None]]:
+        acks, self._bulwark_acks = self._bulwark_acks, []
+        return acks
+
+    def _queue_acks(self, pipe: Any, acks: list[tuple[Any, str | None]]) -> None:
+        for tag, jti in acks:
+            self._remove_from_indices(tag, pipe)
+            if jti is not None:
+                Replays.queue_done(pipe, jti)
+
+    def flush_acks(self, acks: list[tuple[Any, str | None]] | None = None) -> None:
+        """Remove acknowledged deliveries from the unacked index, in one round trip."""
+        acks = self._take_acks() if acks is None else acks
+        if not acks:
+            return
+        try:
+            with self.pipe_or_acquire() as pipe:
+                self._queue_acks(pipe, acks)
+                pipe.execute()
+        except _GONE as exc:
+            for tag, _ in acks:
+                self._defer(tag, "ack", exc)
 
     def restore_visible(self, *args: Any, **kwargs: Any) -> Any:
         # kombu's periodic sweep (every `unacked_restore_interval`): settle first, so that
@@ -318,6 +364,11 @@ class GuardedChannel(kombu_redis.Channel):
 
         return super().basic_consume(queue, no_ack, noted, consumer_tag, **kwargs)
 
+    def close(self) -> None:
+        if self._qos is not None and not self.closed:
+            self._qos.flush_acks()  # acknowledged before the channel goes (deferred if away)
+        super().close()
+
     def _deliver_item(self, item: bytes, queue: str) -> None:
         envelope = parse_envelope(item)
         problem = envelope.problem
@@ -378,6 +429,12 @@ class GuardedTransport(kombu_redis.Transport):
     """kombu's Redis transport with `GuardedChannel`."""
 
     Channel = GuardedChannel
+    _bulwark_loop: Any = None
+    _bulwark_loop_thread: int | None = None
+
+    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
+        super().register_with_event_loop(connection, loop)
+        self._bulwark_loop, self._bulwark_loop_thread = loop, threading.get_ident()
 
 
 class GuardedSentinelChannel(GuardedChannel, kombu_redis.SentinelChannel):
