@@ -23,6 +23,7 @@ from redis.sentinel import Sentinel
 
 from policies import endpoints
 from workers.amqp import AmqpBroker
+from workers.redis_pool import LeanConnectionPool
 from workers.secrets import hide_password
 from workers.settings import Settings
 
@@ -48,7 +49,9 @@ def connect(url: str, *, master: str = "mymaster", **options: Any) -> redis.Redi
         return cast(redis.Redis, RedisCluster(url=plain, startup_nodes=nodes, **options))
     if endpoint.kind == "amqp":
         raise ValueError(f"{endpoint.scheme}:// is RabbitMQ: no Redis client for it")
-    return redis.Redis.from_url(url, **options)
+    client = redis.Redis(connection_pool=LeanConnectionPool.from_url(url, **options))
+    client.auto_close_connection_pool = True  # as `redis.Redis.from_url` makes it
+    return client
 
 
 def describe(url: str) -> str:

@@ -33,6 +33,7 @@ from kombu.utils.json import dumps as kombu_dumps
 from policies.deadletter import DeadLetter, DeadLetterStore
 from policies.replay import Replays, state
 from workers.envelope import envelope_problem, kept_raw, parse_envelope
+from workers.redis_pool import LeanConnectionPool
 from workers.resources import deadletters
 from workers.security.verifier import CONSUMED_FROM, FROM_JSON, JTI_SEEN, jti_of
 from workers.telemetry.metrics import metrics
@@ -364,6 +365,13 @@ class GuardedChannel(kombu_redis.Channel):
 
         return super().basic_consume(queue, no_ack, noted, consumer_tag, **kwargs)
 
+    def _get_pool(self, asynchronous: bool = False) -> Any:
+        # kombu's, on `LeanConnectionPool`: the acknowledgements' and records' round trips
+        # skip redis-py's per-command socket peek. Its BRPOP client keeps one connection.
+        params = self._connparams(asynchronous=asynchronous)
+        self.keyprefix_fanout = self.keyprefix_fanout.format(db=params["db"])
+        return LeanConnectionPool(**params)
+
     def close(self) -> None:
         if self._qos is not None and not self.closed:
             self._qos.flush_acks()  # acknowledged before the channel goes (deferred if away)
@@ -439,6 +447,8 @@ class GuardedTransport(kombu_redis.Transport):
 
 class GuardedSentinelChannel(GuardedChannel, kombu_redis.SentinelChannel):
     """`GuardedChannel` on the master the sentinels name (asked again after a failover)."""
+
+    _get_pool = kombu_redis.SentinelChannel._get_pool  # the sentinels' pool, not the lean one
 
 
 class GuardedSentinelTransport(GuardedTransport):
