@@ -9,6 +9,7 @@ ONE pipeline.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -25,6 +26,7 @@ from policies import events
 from policies.breaker import CircuitBreaker, Permit
 from policies.budget import RetryBudget
 from policies.bulkhead import Bulkhead, Lease
+from policies.bulkhead.store import Results
 from policies.classify import FailureKind
 from policies.degradation import Degradation
 from policies.errors import (
@@ -37,6 +39,7 @@ from policies.errors import (
 from policies.once import Claim, ExecuteOnce
 from policies.retry import RetryPolicy
 from workers import listeners
+from workers.held import Held, held
 from workers.resources import PerProcess, policy, policy_redis
 from workers.settings import Settings, get_settings
 
@@ -101,6 +104,9 @@ class Guard:
     #: Seconds a delivery may run (the task time limit and a second): an unfinished one
     #: older than this was interrupted.
     once_window: float = 301.0
+    #: This process's held steps (`workers.held`): a success's after-step rides in front
+    #: of the next acquire. None: every after-step goes at once.
+    held: Held | None = None
 
     # -- the hot path ----------------------------------------------------------------------
 
@@ -203,6 +209,9 @@ class Guard:
         if self.bulkhead is None:
             return None
         try:
+            if self.held is not None and self.held.pending():
+                with self.held.sending:  # what is held goes first, in this round trip
+                    return self.bulkhead.try_acquire(prelude=self.held.prelude)
             return self.bulkhead.try_acquire()
         except PolicyRejected as error:
             if permit is not None and self.breaker is not None:
@@ -221,8 +230,27 @@ class Guard:
         result: Any = _NO_RESULT,
     ) -> None:
         """Book the outcome, free the lease, count the call and settle an execute-once claim:
-        one pipelined round trip."""
-        pipe = self.client.pipeline(transaction=False)
+        one pipelined round trip; held for the next acquire after a success (`Held`)."""
+        step = functools.partial(self._queue_after, permit, lease, success, duration, once_id,
+                                 result)  # fmt: skip
+        if self.held is None:
+            Held(self.client).send(step)
+        elif success and once_id is None:
+            self.held.hold(step)
+        else:
+            self.held.send(step)
+
+    def _queue_after(
+        self,
+        permit: Permit | None,
+        lease: Lease | None,
+        success: bool,
+        duration: float,
+        once_id: str | None,
+        result: Any,
+        pipe: redis.client.Pipeline,
+    ) -> Callable[[Results], None]:
+        """Queue the after-step on `pipe`; the returned function reads its replies."""
         once_at = len(pipe)
         if once_id is not None and self.once is not None:
             if result is _NO_RESULT:
@@ -235,28 +263,29 @@ class Guard:
             if permit is not None and self.breaker is not None
             else None
         )
-        release = self.bulkhead.release_in(pipe, lease) if lease is not None else None
+        release = (
+            self.bulkhead.release_in(pipe, lease)
+            if lease is not None and self.bulkhead is not None
+            else None
+        )
         counted = self.budget.count_call_in(pipe) if self.budget is not None else None
-        if not len(pipe):
-            return
-        results: list[Any] | BaseException
-        try:
-            results = pipe.execute(raise_on_error=False)
-        except redis.RedisError as exc:
-            results = exc
-        if record is not None:
-            record.settle(results)
-        if release is not None:
-            release.finish(results)
-        if counted is not None:
-            counted.settle(results)  # re-run after NOSCRIPT; kept locally if Redis failed
-        if once_replies:
-            self._settled_once(once_id, results, once_at, once_replies, result is _NO_RESULT)
+
+        def settle(results: Results) -> None:
+            if record is not None:
+                record.settle(results)
+            if release is not None:
+                release.finish(results)
+            if counted is not None:
+                counted.settle(results)  # re-run after NOSCRIPT; kept locally if Redis failed
+            if once_replies:
+                self._settled_once(once_id, results, once_at, once_replies, result is _NO_RESULT)
+
+        return settle
 
     def _settled_once(
         self,
         once_id: str | None,
-        results: list[Any] | BaseException,
+        results: Results,
         at: int,
         count: int,
         abandoned: bool,
@@ -374,6 +403,7 @@ def build_guard(task: GuardedTask, settings: Settings) -> Guard:
         defer_cap=r.defer_max_delay,
         client=policy_redis(),
         once=ExecuteOnce(policy_redis()) if task.once else None,
+        held=held(),
         once_window=settings.scaling.task_time_limit + 1.0,
     )
 

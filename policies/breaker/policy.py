@@ -20,7 +20,7 @@ import functools
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, ParamSpec, TypeVar
 
@@ -75,7 +75,7 @@ class PendingRecord:
         """Position of the step in the pipeline's results (None: nothing was queued)."""
         return None if self.queued is None else self.queued.index
 
-    def settle(self, replies: list[Any] | BaseException) -> None:
+    def settle(self, replies: Sequence[Any] | BaseException) -> None:
         """Book the reply of `pipe.execute(raise_on_error=False)`, or the error it raised.
 
         NOSCRIPT (a restarted server) runs the step again directly; any other

@@ -41,6 +41,7 @@ from policies.bulkhead.store import (
     BulkheadStore,
     MemoryBulkheadStore,
     Outcome,
+    Prelude,
     RedisBulkheadStore,
     StoreState,
 )
@@ -423,7 +424,7 @@ class Bulkhead:
 
     # -- taking a permit -------------------------------------------------------------------
 
-    def try_acquire(self, *, renew: bool = True) -> Lease:
+    def try_acquire(self, *, renew: bool = True, prelude: Prelude | None = None) -> Lease:
         """Take a permit now or raise `BulkheadFull` (one Redis round trip).
 
         `BulkheadFull.retry_after` estimates when a permit may free: the time
@@ -432,8 +433,11 @@ class Bulkhead:
         average hold time (a moving average kept by the release script), but
         never below `min_retry_after`. It is a hint, not a promise: a holder
         that renews keeps its permit past its expiry.
+
+        `prelude`: commands to send ahead of the acquire in its round trip (the
+        outcome of the process's previous call, held for it); called at most once.
         """
-        got = self._attempt(renew)
+        got = self._attempt(renew, prelude)
         if isinstance(got, Lease):
             return got
         raise self._reject(got)
@@ -457,11 +461,11 @@ class Bulkhead:
                 raise self._reject(got)
             wakeup.wait(seen, min(remaining, self.config.poll_interval, max(got, 0.01)))
 
-    def _attempt(self, renew: bool) -> Lease | float:
+    def _attempt(self, renew: bool, prelude: Prelude | None = None) -> Lease | float:
         holder = f"{self._id}:{os.urandom(6).hex()}"
         limit, ttl = self.config.limit, self.config.lease_ttl
         store = self._store_now()
-        outcome = self._call(store, lambda s: s.acquire(self.name, holder, limit, ttl))
+        outcome = self._call(store, lambda s: s.acquire(self.name, holder, limit, ttl, prelude))
         if outcome is None:
             store = self._fallback
             outcome = store.acquire(self.name, holder, limit, ttl)

@@ -22,7 +22,7 @@ import functools
 import itertools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -38,6 +38,13 @@ from policies.watch import feed_for
 HOLD_WEIGHT = 0.2
 
 Wake = Callable[[], None]
+
+#: Replies of a pipeline (`execute(raise_on_error=False)`), or the error it raised.
+Results = Sequence[Any] | BaseException
+#: Commands another policy wants sent ahead of an acquire, in its round trip: queues them
+#: on the pipeline and returns what reads their replies (each store calls it at most once;
+#: a store that makes no round trip does not call it).
+Prelude = Callable[[redis.client.Pipeline], Callable[[Results], None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +72,9 @@ class BulkheadStore(Protocol):
 
     local: bool
 
-    def acquire(self, name: str, holder: str, limit: int, ttl: float) -> Outcome: ...
+    def acquire(
+        self, name: str, holder: str, limit: int, ttl: float, prelude: Prelude | None = None
+    ) -> Outcome: ...
 
     def release(self, name: str, holder: str, *, limit: int = 0, since: str = "") -> Outcome:
         """Give `holder`'s permit back. `limit` and `since` (the acquire's `Outcome.since`)
@@ -135,7 +144,9 @@ class MemoryBulkheadStore:
             found = self._bulkheads[name] = _Bulkhead()
         return found
 
-    def acquire(self, name: str, holder: str, limit: int, ttl: float) -> Outcome:
+    def acquire(
+        self, name: str, holder: str, limit: int, ttl: float, prelude: Prelude | None = None
+    ) -> Outcome:
         with self._lock:
             now, b = self._clock(), self._get(name)
             b.purge(now)
@@ -238,18 +249,38 @@ class RedisBulkheadStore:
         self._upkeep[key] = now + ttl / 2
         return True
 
-    def acquire(self, name: str, holder: str, limit: int, ttl: float) -> Outcome:
+    def acquire(
+        self, name: str, holder: str, limit: int, ttl: float, prelude: Prelude | None = None
+    ) -> Outcome:
         self.index.add(name)
         upkeep = self._upkeep_due(name, limit, ttl)
+        args = [holder, limit, repr(ttl), "1" if upkeep else "0"]
         try:
-            granted, in_use, wait, since = self._scripts["bulkhead_acquire"](
-                keys=_keys(name).all, args=[holder, limit, repr(ttl), "1" if upkeep else "0"]
-            )
+            if prelude is None:
+                raw = self._scripts["bulkhead_acquire"](keys=_keys(name).all, args=args)
+            else:
+                raw = self._acquire_after(prelude, name, args)
+            granted, in_use, wait, since = raw
         except BaseException:
             if upkeep:
                 self._upkeep.pop((name, limit, ttl), None)  # not done: the next call does it
             raise
         return Outcome(bool(granted), int(in_use), float(wait), _text(since))
+
+    def _acquire_after(self, prelude: Prelude, name: str, args: list[Any]) -> Any:
+        """The acquire script behind `prelude`'s commands, in one round trip."""
+        pipe = self.client.pipeline(transaction=False)
+        settle = prelude(pipe)
+        queued = self._scripts.queue(pipe, "bulkhead_acquire", _keys(name).all, args)
+        results: Results
+        try:
+            results = pipe.execute(raise_on_error=False)
+        except redis.RedisError as exc:
+            results = exc
+        settle(results)
+        if isinstance(results, BaseException):
+            raise results
+        return raise_error(queued.reply(results))
 
     def _release_args(self, name: str, holder: str, limit: int, since: str) -> list[Any]:
         sample = next(self._releases) % HOLD_SAMPLE == 0

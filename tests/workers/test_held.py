@@ -1,0 +1,106 @@
+"""A finished call's after-step, held for the process's next acquire (`workers.held`):
+release before acquire in one round trip, sent alone within `HOLD_WITHIN` when no acquire
+comes, sent at exit, and never lost behind a step that goes at once."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import redis
+
+from policies import events
+from policies.bulkhead import Bulkhead, BulkheadConfig, Lease
+from policies.bulkhead.store import Results
+from tests.kit import poll
+from workers.held import HOLD_WITHIN, Held, Step
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _bulkhead(r: redis.Redis, name: str = "held") -> Bulkhead:
+    return Bulkhead(name, r, BulkheadConfig(limit=1), emitter=events.Emitter())
+
+
+def _release(bulkhead: Bulkhead, lease: Lease, settled: list[object]) -> Step:
+    def step(pipe: redis.client.Pipeline) -> Callable[[Results], None]:
+        pending = bulkhead.release_in(pipe, lease)
+
+        def settle(results: Results) -> None:
+            settled.append(pending.finish(results))
+
+        return settle
+
+    return step
+
+
+def _round_trips(r: redis.Redis) -> int:
+    return int(r.info("stats")["total_commands_processed"])
+
+
+def test_a_held_release_goes_before_the_next_acquire(r: redis.Redis) -> None:
+    """Limit 1: the second acquire passes only if the held release reached Redis first."""
+    held, settled = Held(r, within=3600), list[object]()  # no flusher in the way
+    bulkhead = _bulkhead(r)
+    lease = bulkhead.try_acquire(renew=False)
+    held.hold(_release(bulkhead, lease, settled))
+    assert bulkhead.snapshot().in_use == 1  # held, not sent
+    with held.sending:
+        second = bulkhead.try_acquire(renew=False, prelude=held.prelude)
+    assert settled == [True]  # the first lease was freed, in the acquire's round trip
+    assert not held.pending()
+    assert second.holder != lease.holder
+    assert bulkhead.snapshot().in_use == 1
+
+
+def test_what_is_held_goes_alone_within_hold_within(r: redis.Redis) -> None:
+    held, settled = Held(r), list[object]()
+    bulkhead = _bulkhead(r, "alone")
+    lease = bulkhead.try_acquire(renew=False)
+    started = time.monotonic()
+    held.hold(_release(bulkhead, lease, settled))
+    poll(lambda: settled, deadline=5, every=0.001, what="the held release sent")
+    assert time.monotonic() - started >= HOLD_WITHIN * 0.9  # by the flusher, when due
+    assert settled == [True]
+    assert bulkhead.snapshot().in_use == 0
+
+
+def test_a_step_sent_at_once_goes_behind_what_is_held(r: redis.Redis) -> None:
+    held, order = Held(r, within=3600), list[str]()
+
+    def step(tag: str) -> Step:
+        def queue(pipe: redis.client.Pipeline) -> Callable[[Results], None]:
+            pipe.rpush("order", tag)
+            return lambda results: order.append(tag)
+
+        return queue
+
+    held.hold(step("held-1"))
+    held.hold(step("held-2"))
+    before = _round_trips(r)
+    held.send(step("failure"))
+    assert _round_trips(r) - before == 4  # three RPUSHes and INFO: one pipeline
+    assert r.lrange("order", 0, -1) == [b"held-1", b"held-2", b"failure"]
+    assert order == ["held-1", "held-2", "failure"]
+
+
+def test_what_is_held_is_sent_when_the_process_exits(r: redis.Redis, redis_url: str) -> None:
+    script = textwrap.dedent(f"""
+        import redis
+        from workers.held import held
+        h = held()
+        h.within = 3600  # only the exit sends it
+        h.hold(lambda pipe: (pipe.set("sent-at-exit", "yes"), lambda results: None)[1])
+        assert redis.Redis.from_url({redis_url!r}).get("sent-at-exit") is None
+    """)
+    env = {**os.environ, "REDIS_URL": redis_url, "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, check=True, timeout=60)
+    assert r.get("sent-at-exit") == b"yes"

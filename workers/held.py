@@ -1,0 +1,144 @@
+"""The outcome of a finished call, held for this process's next round trip.
+
+After a task body the guard books the breaker outcome, frees the bulkhead lease and
+counts the call for the retry budget: one pipelined round trip, waited for before the
+child reports the task done. When the call succeeded, that step is *held* instead and
+rides in front of the next bulkhead acquire of this process, in the acquire's round
+trip: release, then acquire, in that order, so the process never holds two leases of a
+bulkhead and the limit is never exceeded. A busy worker process makes one round trip
+per guarded task instead of two.
+
+A held step waits at most `HOLD_WITHIN` seconds: a thread of the process sends it alone
+when no acquire came to carry it. It is sent before the process exits (Celery's
+`worker_process_shutdown`, and at exit). Failures, execute-once settlements and anything
+that must be known before the task is acknowledged are never held: they go at once,
+behind whatever is held. A process killed with held steps loses them as it would lose a
+step under way: the lease frees at its expiry, the breaker misses one success.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+from celery import signals
+
+from policies.bulkhead.store import Results
+from workers.resources import PerProcess, policy_redis
+
+__all__ = ["HOLD_WITHIN", "Held", "Step", "held"]
+
+logger = logging.getLogger(__name__)
+
+#: Longest a held step waits for an acquire to carry it before it is sent alone.
+HOLD_WITHIN = 0.01
+
+#: Queues its commands on the pipeline it is given and returns what reads their replies.
+Step = Callable[[redis.client.Pipeline], Callable[[Results], None]]
+
+
+class Held:
+    """The held steps of one process, on one Redis client."""
+
+    def __init__(self, client: redis.Redis, within: float = HOLD_WITHIN) -> None:
+        self.client = client
+        self.within = within
+        #: Held by whoever sends held steps (a carrying acquire, the flusher, `send`), so
+        #: they reach Redis in the order they were held, before what comes after them.
+        self.sending = threading.RLock()
+        self._steps: list[Step] = []
+        self._since = 0.0
+        self._changed = threading.Condition()
+        self._idle = False
+        self._flusher: threading.Thread | None = None
+
+    def pending(self) -> bool:
+        return bool(self._steps)
+
+    def hold(self, step: Step) -> None:
+        """Keep `step` for the next round trip (at most `within` seconds)."""
+        with self._changed:
+            if not self._steps:
+                self._since = time.monotonic()
+            self._steps.append(step)
+            if self._flusher is None:
+                self._flusher = threading.Thread(
+                    target=self._flush_when_due, name="bulwark-held", daemon=True
+                )
+                self._flusher.start()
+            elif self._idle:
+                self._changed.notify()
+
+    def prelude(self, pipe: redis.client.Pipeline) -> Callable[[Results], None]:
+        """Queue every held step on `pipe` (call it holding `sending`)."""
+        with self._changed:
+            steps, self._steps = self._steps, []
+        settles = [step(pipe) for step in steps]
+
+        def settle(results: Results) -> None:
+            for one in settles:
+                one(results)
+
+        return settle
+
+    def send(self, step: Step | None = None) -> None:
+        """Send what is held, and `step` behind it, in one round trip (now)."""
+        with self.sending:
+            pipe = self.client.pipeline(transaction=False)
+            settles = [self.prelude(pipe)]
+            if step is not None:
+                settles.append(step(pipe))
+            if not len(pipe):
+                return
+            results: Results
+            try:
+                results = pipe.execute(raise_on_error=False)
+            except redis.RedisError as exc:
+                results = exc
+            for settle in settles:
+                settle(results)
+
+    def _flush_when_due(self) -> None:
+        while True:
+            with self._changed:
+                while not self._steps:
+                    self._idle = True
+                    self._changed.wait()
+                    self._idle = False
+                remaining = self._since + self.within - time.monotonic()
+                if remaining > 0:
+                    self._changed.wait(remaining)
+                    continue
+            try:
+                self.send()
+            except Exception:  # a settle that raised: said, the process goes on
+                logger.exception("held policy steps could not be settled")
+
+
+_held: PerProcess[Held] = PerProcess()
+
+
+def held() -> Held:
+    """This process's held steps, on the policy store's client."""
+    return _held.get("policies", lambda: Held(policy_redis()))
+
+
+def _send_held(**_: Any) -> None:
+    pid = os.getpid()  # a forked child has a copy of its parent's: not its own to send
+    for (_key, built_in), one in list(_held._built.items()):
+        if built_in != pid:
+            continue
+        try:
+            one.send()
+        except Exception:
+            logger.warning("held policy steps not sent at exit", exc_info=True)
+
+
+signals.worker_process_shutdown.connect(_send_held, weak=False, dispatch_uid="bulwark.held")
+atexit.register(_send_held)
