@@ -116,7 +116,13 @@ class TestPolicyStoreOnCluster:
         calls = next(b.window_calls for b in list_breakers(shared) if b.name == "inventory")
         assert reserve(app, "last") == "last"
         # ... and the policies go on writing it there.
-        assert next(b.window_calls for b in list_breakers(shared) if b.name == "inventory") > calls
+        poll(  # booked with the worker's next round trip, or within workers.held's 10 ms
+            lambda: (
+                next(b.window_calls for b in list_breakers(shared) if b.name == "inventory") > calls
+            ),
+            deadline=10,
+            what="the last call booked on the breaker's new node",
+        )
 
 
 class TestClusterFailover:

@@ -70,7 +70,13 @@ def test_the_fleet_survives_a_master_failover(
             first = app.send_task("inventory.reserve", args=["first", 1]).get(timeout=30)
             assert first["sku"] == "first"
             shared = connect(group.url, master=Sentinels.NAME)
-            assert any(b.name == "inventory" and b.window_calls for b in list_breakers(shared))
+            poll(  # booked with the worker's next round trip, or within workers.held's 10 ms
+                lambda: any(
+                    b.name == "inventory" and b.window_calls for b in list_breakers(shared)
+                ),
+                deadline=10,
+                what="the call booked on the shared breaker",
+            )
             assert group.master is not None and group.replica is not None
             old, new = group.master.port, group.replica.port
 
