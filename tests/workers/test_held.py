@@ -17,8 +17,12 @@ import redis
 
 from policies import events
 from policies.bulkhead import Bulkhead, BulkheadConfig, Lease
+from policies.breaker import list_breakers
+from policies.bulkhead import list_bulkheads
 from policies.bulkhead.store import Results
+from tests.conftest import StartWorker
 from tests.kit import poll
+from workers.client import client
 from workers.held import HOLD_WITHIN, Held, Step
 
 pytestmark = pytest.mark.integration
@@ -104,3 +108,21 @@ def test_what_is_held_is_sent_when_the_process_exits(r: redis.Redis, redis_url: 
     env = {**os.environ, "REDIS_URL": redis_url, "PYTHONPATH": str(ROOT)}
     subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, check=True, timeout=60)
     assert r.get("sent-at-exit") == b"yes"
+
+
+def test_a_worker_gone_idle_books_every_call_and_frees_every_lease(
+    r: redis.Redis, start_worker: StartWorker
+) -> None:
+    """Real worker: each success's step rides with the next acquire; the last one, with no
+    acquire after it, is sent by the flusher. None is lost."""
+    start_worker(["inventory"], name="held", concurrency=2)
+    app = client()
+    sent = [app.send_task("inventory.reserve", args=[f"h{i}", 1]) for i in range(20)]
+    assert [s.get(timeout=30)["sku"] for s in sent] == [f"h{i}" for i in range(20)]
+
+    def settled() -> bool:
+        (breaker,) = [b for b in list_breakers(r) if b.name == "inventory"]
+        (bulkhead,) = [b for b in list_bulkheads(r) if b.name == "inventory"]
+        return breaker.window_calls == 20 and bulkhead.in_use == 0
+
+    poll(settled, deadline=5, every=0.01, what="20 calls booked, no lease held")
