@@ -16,9 +16,8 @@ import pytest
 import redis
 
 from policies import events
-from policies.bulkhead import Bulkhead, BulkheadConfig, Lease
 from policies.breaker import list_breakers
-from policies.bulkhead import list_bulkheads
+from policies.bulkhead import Bulkhead, BulkheadConfig, Lease, list_bulkheads
 from policies.bulkhead.store import Results
 from tests.conftest import StartWorker
 from tests.kit import poll
