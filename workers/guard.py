@@ -39,7 +39,7 @@ from policies.errors import (
 from policies.once import Claim, ExecuteOnce
 from policies.retry import RetryPolicy
 from workers import listeners
-from workers.held import Held, held
+from workers.held import Held, Step, held
 from workers.resources import PerProcess, policy, policy_redis
 from workers.settings import Settings, get_settings
 
@@ -208,6 +208,10 @@ class Guard:
     def _lease(self, task: GuardedTask, permit: Permit | None) -> Lease | None:
         if self.bulkhead is None:
             return None
+        if self.held is not None:
+            parked = self.held.take(self.bulkhead.name)
+            if parked is not None:
+                return parked  # the previous call's permit, still live: no round trip
         try:
             if self.held is not None and self.held.pending():
                 with self.held.sending:  # what is held goes first, in this round trip
@@ -230,15 +234,35 @@ class Guard:
         result: Any = _NO_RESULT,
     ) -> None:
         """Book the outcome, free the lease, count the call and settle an execute-once claim:
-        one pipelined round trip; held for the next acquire after a success (`Held`)."""
-        step = functools.partial(self._queue_after, permit, lease, success, duration, once_id,
-                                 result)  # fmt: skip
+        one pipelined round trip. After a success it is held for the process's next round
+        trip and the lease parked for its next call on the bulkhead (`workers.held`)."""
         if self.held is None:
-            Held(self.client).send(step)
-        elif success and once_id is None:
-            self.held.hold(step)
+            Held(self.client).send(self._after_step(permit, lease, success, duration, once_id,
+                                                    result))  # fmt: skip
+        elif success and once_id is None and (lease is None or not lease.crowded):
+            parked = lease is not None and self.held.parks(lease)
+            if lease is not None and parked:
+                self.held.park(lease)  # the next call on this bulkhead may take it over
+            self.held.hold(self._after_step(permit, lease, success, duration, once_id, result,
+                                            parked=parked))  # fmt: skip
         else:
-            self.held.send(step)
+            self.held.send(self._after_step(permit, lease, success, duration, once_id, result))
+
+    def _after_step(
+        self,
+        permit: Permit | None,
+        lease: Lease | None,
+        success: bool,
+        duration: float,
+        once_id: str | None,
+        result: Any,
+        *,
+        parked: bool = False,
+    ) -> Step:
+        """The after-step as a `workers.held` step; a parked lease is released only if no
+        call took it over by the time the step is sent."""
+        return functools.partial(self._queue_after, permit, lease, success, duration, once_id,
+                                 result, parked)  # fmt: skip
 
     def _queue_after(
         self,
@@ -248,6 +272,7 @@ class Guard:
         duration: float,
         once_id: str | None,
         result: Any,
+        parked: bool,
         pipe: redis.client.Pipeline,
     ) -> Callable[[Results], None]:
         """Queue the after-step on `pipe`; the returned function reads its replies."""
@@ -265,7 +290,9 @@ class Guard:
         )
         release = (
             self.bulkhead.release_in(pipe, lease)
-            if lease is not None and self.bulkhead is not None
+            if lease is not None
+            and self.bulkhead is not None
+            and (not parked or self.held is None or self.held.unpark(lease))
             else None
         )
         counted = self.budget.count_call_in(pipe) if self.budget is not None else None

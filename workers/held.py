@@ -8,6 +8,16 @@ trip: release, then acquire, in that order, so the process never holds two lease
 bulkhead and the limit is never exceeded. A busy worker process makes one round trip
 per guarded task instead of two.
 
+A success also *parks* its bulkhead lease: the process's next call on the same bulkhead
+takes it over instead of acquiring (no round trip at all), and the held step releases it
+only if nobody took it. So a process busy with one bulkhead keeps one permit while it
+has work (for `PARK_FOR` at most), and gives it back `HOLD_WITHIN` after its last call:
+the fleet never holds more permits than the limit, and a process between two calls
+holds at most one. A lease taken when the bulkhead was full (`Lease.crowded`: others
+may be waiting) is never parked, and its release is sent at once, not held. Its
+held steps (the breaker outcomes, the budget's count) then go together, once per
+`HOLD_WITHIN`, instead of once per task.
+
 A held step waits at most `HOLD_WITHIN` seconds: a thread of the process sends it alone
 when no acquire came to carry it. It is sent before the process exits (Celery's
 `worker_process_shutdown`, and at exit). Failures, execute-once settlements and anything
@@ -29,15 +39,20 @@ from typing import Any
 import redis
 from celery import signals
 
+from policies.bulkhead import Lease
 from policies.bulkhead.store import Results
 from workers.resources import PerProcess, policy_redis
 
-__all__ = ["HOLD_WITHIN", "Held", "Step", "held"]
+__all__ = ["HOLD_WITHIN", "PARK_FOR", "Held", "Step", "held"]
 
 logger = logging.getLogger(__name__)
 
 #: Longest a held step waits for an acquire to carry it before it is sent alone.
 HOLD_WITHIN = 0.01
+
+#: Longest a lease is taken over from call to call: then it is given back and taken
+#: again, so a process learns whether the bulkhead filled up meanwhile.
+PARK_FOR = 1.0
 
 #: Queues its commands on the pipeline it is given and returns what reads their replies.
 Step = Callable[[redis.client.Pipeline], Callable[[Results], None]]
@@ -56,6 +71,7 @@ class Held:
         self._since = 0.0
         self._changed = threading.Condition()
         self._idle = False
+        self._parked: dict[str, list[Lease]] = {}
         self._flusher: threading.Thread | None = None
 
     def pending(self) -> bool:
@@ -74,6 +90,40 @@ class Held:
                 self._flusher.start()
             elif self._idle:
                 self._changed.notify()
+
+    @staticmethod
+    def parks(lease: Lease) -> bool:
+        """May `lease` be kept for the next call: a shared one, with room left when it was
+        taken, not older than `PARK_FOR`."""
+        return (
+            not lease.store.local
+            and not lease.crowded
+            and time.monotonic() - lease.taken_at < PARK_FOR
+        )
+
+    def park(self, lease: Lease) -> None:
+        """Keep `lease` for this process's next call on its bulkhead (see `take`)."""
+        with self._changed:
+            self._parked.setdefault(lease.name, []).append(lease)
+
+    def take(self, bulkhead: str) -> Lease | None:
+        """A parked lease of `bulkhead` that is still live, now the caller's; or None."""
+        with self._changed:
+            parked = self._parked.get(bulkhead)
+            while parked:
+                lease = parked.pop()
+                if not (lease.released or lease.lost):
+                    return lease
+        return None
+
+    def unpark(self, lease: Lease) -> bool:
+        """True if `lease` was still parked (nobody took it): the caller releases it."""
+        with self._changed:
+            parked = self._parked.get(lease.name, [])
+            if lease in parked:
+                parked.remove(lease)
+                return True
+        return False
 
     def prelude(self, pipe: redis.client.Pipeline) -> Callable[[Results], None]:
         """Queue every held step on `pipe` (call it holding `sending`)."""

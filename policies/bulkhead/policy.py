@@ -173,6 +173,11 @@ class Lease:
         self.store = store
         #: When the store says the lease started (`Outcome.since`), for its release.
         self.since = since
+        #: The bulkhead was full with this lease (others may be waiting): give it back
+        #: promptly rather than keep it for the holder's next call.
+        self.crowded = False
+        #: `time.monotonic()` when it was taken.
+        self.taken_at = time.monotonic()
         self._done = False  # released (by this process) or lost
         self._lost = False
         self._lock = threading.Lock()
@@ -472,6 +477,7 @@ class Bulkhead:
         if not outcome.ok:
             return max(outcome.retry_after, self.config.min_retry_after)
         lease = Lease(self, holder, store, outcome.since)
+        lease.crowded = outcome.in_use >= limit
         self._changed("acquired", outcome.in_use)
         if renew:
             lease.start_renewing()

@@ -11,6 +11,7 @@ import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -19,9 +20,13 @@ from policies import events
 from policies.breaker import list_breakers
 from policies.bulkhead import Bulkhead, BulkheadConfig, Lease, list_bulkheads
 from policies.bulkhead.store import Results
+from policies.retry import RetryPolicy
 from tests.conftest import StartWorker
 from tests.kit import poll
+from tests.workers.test_guard import FakeTask
+from workers import held as held_module
 from workers.client import client
+from workers.guard import Guard
 from workers.held import HOLD_WITHIN, Held, Step
 
 pytestmark = pytest.mark.integration
@@ -125,3 +130,43 @@ def test_a_worker_gone_idle_books_every_call_and_frees_every_lease(
         return breaker.window_calls == 20 and bulkhead.in_use == 0
 
     poll(settled, deadline=5, every=0.01, what="20 calls booked, no lease held")
+
+
+class TestParkedLeases:
+    """The guard parks a success's lease for the process's next call on the bulkhead."""
+
+    @staticmethod
+    def guarded(r: redis.Redis, limit: int, held: Held) -> tuple[Guard, Bulkhead]:
+        bulkhead = Bulkhead("parked", r, BulkheadConfig(limit=limit), emitter=events.Emitter())
+        parts: dict[str, Any] = {"breaker": None, "service": None, "budget": None}
+        return Guard(bulkhead=bulkhead, retry=RetryPolicy.from_settings(), defer_max=5,
+                     defer_cap=60.0, client=r, held=held, **parts), bulkhead  # fmt: skip
+
+    def test_a_busy_process_keeps_its_permit_from_call_to_call(self, r: redis.Redis) -> None:
+        held = Held(r, within=3600)  # only `send` gives it back
+        guard, bulkhead = self.guarded(r, 2, held)
+        guard.run(FakeTask(body=lambda: None), (), {})
+        (holder,) = bulkhead.snapshot().holders
+        before = _round_trips(r)
+        guard.run(FakeTask(body=lambda: None), (), {})
+        assert _round_trips(r) - before == 1, "no command but the INFO that counts them"
+        assert list(bulkhead.snapshot().holders) == [holder], "the same permit, taken over"
+        held.send()
+        assert bulkhead.snapshot().in_use == 0
+
+    def test_a_permit_taken_from_a_full_bulkhead_goes_back_at_once(self, r: redis.Redis) -> None:
+        guard, bulkhead = self.guarded(r, 1, Held(r, within=3600))
+        guard.run(FakeTask(body=lambda: None), (), {})
+        assert bulkhead.snapshot().in_use == 0, "others may wait: not parked, not held"
+
+    def test_a_permit_is_taken_over_for_park_for_at_most(
+        self, r: redis.Redis, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr(held_module, "PARK_FOR", 0.0)
+        held = Held(r, within=3600)
+        guard, bulkhead = self.guarded(r, 2, held)
+        guard.run(FakeTask(body=lambda: None), (), {})
+        (first,) = bulkhead.snapshot().holders
+        guard.run(FakeTask(body=lambda: None), (), {})  # releases the first as it acquires
+        (second,) = bulkhead.snapshot().holders
+        assert second != first
