@@ -188,20 +188,31 @@ class _Task:
 
 def round_trips(url: str, calls: int = 2000) -> None:
     pool = redis.ConnectionPool.from_url(url, connection_class=CountingConnection)
-    per_call, seconds = guarded_round_trips(redis.Redis(connection_pool=pool), calls)
+    client = redis.Redis(connection_pool=pool)
     print("3. round trips per call on the policy client (breaker + bulkhead, closed, happy path):")
-    print(f"   {per_call:.2f} round trips per call   (target <= 2: one before, one after)")
+    alone, seconds = guarded_round_trips(client, calls)
+    print(
+        f"   a call on its own      {alone:.2f} round trips   (target <= 2: one before, one after)"
+    )
+    print(f"   {seconds * 1e6:.0f} us per call in-process, policies only")
+    busy, seconds = guarded_round_trips(client, calls, held=True)
+    print(f"   back to back           {busy:.2f} round trips   (the lease taken over, the outcomes "
+          "sent together: workers.held)")  # fmt: skip
     print(f"   {seconds * 1e6:.0f} us per call in-process, policies only")
 
 
-def guarded_round_trips(client: redis.Redis, calls: int = 2000) -> tuple[float, float]:
+def guarded_round_trips(
+    client: redis.Redis, calls: int = 2000, *, held: bool = False
+) -> tuple[float, float]:
     """(round trips, seconds) per guarded call (breaker + bulkhead) through `client`, whose
-    connections are `CountingConnection`s."""
+    connections are `CountingConnection`s. `held`: as in a worker, whose calls back to back
+    hold their outcomes and take over their lease (`workers.held`); the last ones sent too."""
     from policies.breaker import BreakerConfig, CircuitBreaker, RedisBreakerStore
     from policies.bulkhead import Bulkhead, BulkheadConfig
     from policies.retry import RetryPolicy
     from policies.watch import feed_for
     from workers.guard import Guard
+    from workers.held import Held
 
     breaker = CircuitBreaker("rt", BreakerConfig(), RedisBreakerStore(client))
     bulkhead = Bulkhead("rt", client, BulkheadConfig(limit=10))
@@ -214,6 +225,7 @@ def guarded_round_trips(client: redis.Redis, calls: int = 2000) -> tuple[float, 
         defer_max=10,
         defer_cap=60.0,
         client=client,
+        held=Held(client) if held else None,
     )
     task = _Task()
     for i in range(50):  # warm up: scripts loaded, change feed subscribed, cache filled
@@ -225,6 +237,8 @@ def guarded_round_trips(client: redis.Redis, calls: int = 2000) -> tuple[float, 
     for i in range(calls):
         guard.run(task, (i,), {})  # type: ignore[arg-type]
     elapsed = time.perf_counter() - started
+    if guard.held is not None:
+        guard.held.send()
     return (CountingConnection.sent - before) / calls, elapsed / calls
 
 
