@@ -208,15 +208,17 @@ class Guard:
     def _lease(self, task: GuardedTask, permit: Permit | None) -> Lease | None:
         if self.bulkhead is None:
             return None
-        if self.held is not None:
-            parked = self.held.take(self.bulkhead.name)
-            if parked is not None:
-                return parked  # the previous call's permit, still live: no round trip
         try:
-            if self.held is not None and self.held.pending():
-                with self.held.sending:  # what is held goes first, in this round trip
+            if self.held is None:
+                return self.bulkhead.try_acquire()
+            # Holding `sending`: a release on its way (the flusher's) reaches Redis first.
+            with self.held.sending:
+                parked = self.held.take(self.bulkhead.name)
+                if parked is not None:
+                    return parked  # the previous call's permit, still live: no round trip
+                if self.held.pending():  # what is held goes first, in this round trip
                     return self.bulkhead.try_acquire(prelude=self.held.prelude)
-            return self.bulkhead.try_acquire()
+                return self.bulkhead.try_acquire()
         except PolicyRejected as error:
             if permit is not None and self.breaker is not None:
                 # Nothing ran: give a half-open trial slot back, booking no outcome.

@@ -50,6 +50,9 @@ logger = logging.getLogger(__name__)
 #: Longest a held step waits for an acquire to carry it before it is sent alone.
 HOLD_WITHIN = 0.01
 
+#: A lease parked this long whose step never came (it failed to queue) is released.
+ORPHAN_AFTER = 1.0
+
 #: Longest a lease is taken over from call to call: then it is given back and taken
 #: again, so a process learns whether the bulkhead filled up meanwhile.
 PARK_FOR = 1.0
@@ -71,7 +74,8 @@ class Held:
         self._since = 0.0
         self._changed = threading.Condition()
         self._idle = False
-        self._parked: dict[str, list[Lease]] = {}
+        #: Bulkhead name -> (lease, when parked): its step releases it if nobody took it.
+        self._parked: dict[str, list[tuple[Lease, float]]] = {}
         self._flusher: threading.Thread | None = None
 
     def pending(self) -> bool:
@@ -104,32 +108,39 @@ class Held:
     def park(self, lease: Lease) -> None:
         """Keep `lease` for this process's next call on its bulkhead (see `take`)."""
         with self._changed:
-            self._parked.setdefault(lease.name, []).append(lease)
+            self._parked.setdefault(lease.name, []).append((lease, time.monotonic()))
 
     def take(self, bulkhead: str) -> Lease | None:
-        """A parked lease of `bulkhead` that is still live, now the caller's; or None."""
+        """A parked lease of `bulkhead`, live and taken less than `PARK_FOR` ago, now the
+        caller's; or None. Call it holding `sending` (a step on its way may release it)."""
+        now = time.monotonic()
         with self._changed:
-            parked = self._parked.get(bulkhead)
-            while parked:
-                lease = parked.pop()
-                if not (lease.released or lease.lost):
-                    return lease
+            parked = self._parked.get(bulkhead, [])
+            for at in range(len(parked) - 1, -1, -1):
+                lease = parked[at][0]
+                if lease.released or lease.lost or now - lease.taken_at >= PARK_FOR:
+                    continue  # its own step releases it (or finds it gone)
+                del parked[at]
+                lease.since = ""  # held across calls: no sample of one call's hold time
+                return lease
         return None
 
     def unpark(self, lease: Lease) -> bool:
         """True if `lease` was still parked (nobody took it): the caller releases it."""
         with self._changed:
             parked = self._parked.get(lease.name, [])
-            if lease in parked:
-                parked.remove(lease)
-                return True
+            for at, (one, _) in enumerate(parked):
+                if one is lease:
+                    del parked[at]
+                    return True
         return False
 
     def prelude(self, pipe: redis.client.Pipeline) -> Callable[[Results], None]:
-        """Queue every held step on `pipe` (call it holding `sending`)."""
+        """Queue every held step on `pipe` (call it holding `sending`). A step that fails to
+        queue is said and skipped: the others go."""
         with self._changed:
             steps, self._steps = self._steps, []
-        settles = [step(pipe) for step in steps]
+        settles = [one for one in map(lambda step: _queued(step, pipe), steps) if one]
 
         def settle(results: Results) -> None:
             for one in settles:
@@ -137,13 +148,16 @@ class Held:
 
         return settle
 
-    def send(self, step: Step | None = None) -> None:
-        """Send what is held, and `step` behind it, in one round trip (now)."""
+    def send(self, step: Step | None = None, *, leave: bool = False) -> None:
+        """Send what is held, and `step` behind it, in one round trip (now). Parked leases
+        whose step was lost are released too; `leave`: every parked lease (at exit)."""
         with self.sending:
             pipe = self.client.pipeline(transaction=False)
-            settles = [self.prelude(pipe)]
+            settles = [self.prelude(pipe), *self._orphans(pipe, leave)]
             if step is not None:
-                settles.append(step(pipe))
+                queued = _queued(step, pipe)
+                if queued is not None:
+                    settles.append(queued)
             if not len(pipe):
                 return
             results: Results
@@ -151,24 +165,59 @@ class Held:
                 results = pipe.execute(raise_on_error=False)
             except redis.RedisError as exc:
                 results = exc
+            except BaseException as exc:  # a time limit, an interrupt: settled, then on
+                for settle in settles:
+                    settle(exc)
+                raise
             for settle in settles:
                 settle(results)
+
+    def _orphans(self, pipe: redis.client.Pipeline, leave: bool) -> list[Callable[[Results], None]]:
+        """Release parked leases whose step is gone (it failed to queue): parked longer than
+        `ORPHAN_AFTER`, or all of them when the process leaves."""
+        now = time.monotonic()
+        with self._changed:
+            found = [
+                lease
+                for parked in self._parked.values()
+                for lease, at in parked
+                if leave or now - at >= ORPHAN_AFTER
+            ]
+        settles = []
+        for lease in found:
+            if self.unpark(lease):
+                settles.append(lease.bulkhead.release_in(pipe, lease).finish)
+        return settles
 
     def _flush_when_due(self) -> None:
         while True:
             with self._changed:
                 while not self._steps:
                     self._idle = True
-                    self._changed.wait()
+                    # Parked leases left: look again after ORPHAN_AFTER for lost steps.
+                    self._changed.wait(ORPHAN_AFTER if self._any_parked() else None)
                     self._idle = False
+                    if not self._steps and self._any_parked():
+                        break
                 remaining = self._since + self.within - time.monotonic()
-                if remaining > 0:
+                if self._steps and remaining > 0:
                     self._changed.wait(remaining)
                     continue
             try:
                 self.send()
             except Exception:  # a settle that raised: said, the process goes on
                 logger.exception("held policy steps could not be settled")
+
+    def _any_parked(self) -> bool:
+        return any(self._parked.values())
+
+
+def _queued(step: Step, pipe: redis.client.Pipeline) -> Callable[[Results], None] | None:
+    try:
+        return step(pipe)
+    except Exception:
+        logger.exception("a held policy step could not be queued; the others go")
+        return None
 
 
 _held: PerProcess[Held] = PerProcess()
@@ -185,7 +234,7 @@ def _send_held(**_: Any) -> None:
         if built_in != pid:
             continue
         try:
-            one.send()
+            one.send(leave=True)
         except Exception:
             logger.warning("held policy steps not sent at exit", exc_info=True)
 

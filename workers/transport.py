@@ -140,6 +140,7 @@ class GuardedQoS(kombu_redis.QoS):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._bulwark_acks: list[tuple[Any, str | None]] = []  # (delivery tag, jti done)
+        self._bulwark_acks_lock = threading.Lock()  # a pool's shutdown fires timers elsewhere
 
     def append(self, message: Any, delivery_tag: Any) -> None:
         if _unsettled or _popped:  # a delivery: the broker answers again
@@ -170,6 +171,9 @@ class GuardedQoS(kombu_redis.QoS):
             logger.warning("broker unreachable (%s): delivery %s goes back on %s once it "
                            "is back", exc, delivery_tag, routing_key)  # fmt: skip
             raise
+        except Exception:
+            self._keep_acks(acks)  # refused with the record (a full Redis): the next one
+            raise
         if seen is not None:
             reply = seen.reply(results)
             if not isinstance(reply, Exception):
@@ -191,16 +195,24 @@ class GuardedQoS(kombu_redis.QoS):
         loop = transport._bulwark_loop if transport is not None else None
         if loop is not None and transport._bulwark_loop_thread == threading.get_ident():
             # On the event loop: sent with the next delivery's record, or within ACK_WITHIN.
-            if not self._bulwark_acks:
+            with self._bulwark_acks_lock:
+                first = not self._bulwark_acks
+                self._bulwark_acks.append((delivery_tag, jti))
+            if first:
                 loop.call_later(ACK_WITHIN, self.flush_acks)
-            self._bulwark_acks.append((delivery_tag, jti))
         else:
             self.flush_acks([(delivery_tag, jti)])
         kombu_redis.virtual.QoS.ack(self, delivery_tag)
 
     def _take_acks(self) -> list[tuple[Any, str | None]]:
-        acks, self._bulwark_acks = self._bulwark_acks, []
+        with self._bulwark_acks_lock:
+            acks, self._bulwark_acks = self._bulwark_acks, []
         return acks
+
+    def _keep_acks(self, acks: list[tuple[Any, str | None]]) -> None:
+        """Put acknowledgements that could not be sent back, first in line."""
+        with self._bulwark_acks_lock:
+            self._bulwark_acks[:0] = acks
 
     def _queue_acks(self, pipe: Any, acks: list[tuple[Any, str | None]]) -> None:
         for tag, jti in acks:
@@ -220,6 +232,10 @@ class GuardedQoS(kombu_redis.QoS):
         except _GONE as exc:
             for tag, _ in acks:
                 self._defer(tag, "ack", exc)
+        except Exception as exc:  # refused (a full or read-only Redis): kept, sent later
+            self._keep_acks(acks)
+            logger.warning("%d acknowledgement(s) refused (%s): kept for the next delivery",
+                           len(acks), exc)  # fmt: skip
 
     def restore_visible(self, *args: Any, **kwargs: Any) -> Any:
         # kombu's periodic sweep (every `unacked_restore_interval`): settle first, so that
@@ -373,9 +389,11 @@ class GuardedChannel(kombu_redis.Channel):
         return LeanConnectionPool(**params)
 
     def close(self) -> None:
-        if self._qos is not None and not self.closed:
-            self._qos.flush_acks()  # acknowledged before the channel goes (deferred if away)
-        super().close()
+        try:
+            if self._qos is not None and not self.closed:
+                self._qos.flush_acks()  # acknowledged before the channel goes (or deferred)
+        finally:
+            super().close()
 
     def _deliver_item(self, item: bytes, queue: str) -> None:
         envelope = parse_envelope(item)

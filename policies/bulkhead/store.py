@@ -268,18 +268,17 @@ class RedisBulkheadStore:
         return Outcome(bool(granted), int(in_use), float(wait), _text(since))
 
     def _acquire_after(self, prelude: Prelude, name: str, args: list[Any]) -> Any:
-        """The acquire script behind `prelude`'s commands, in one round trip."""
+        """The acquire script behind `prelude`'s commands, in one round trip. Whatever
+        happens, the prelude's commands are settled once (with the error, if one came)."""
         pipe = self.client.pipeline(transaction=False)
         settle = prelude(pipe)
-        queued = self._scripts.queue(pipe, "bulkhead_acquire", _keys(name).all, args)
-        results: Results
         try:
+            queued = self._scripts.queue(pipe, "bulkhead_acquire", _keys(name).all, args)
             results = pipe.execute(raise_on_error=False)
-        except redis.RedisError as exc:
-            results = exc
+        except BaseException as exc:  # unreachable, a time limit, an interrupt
+            settle(exc)
+            raise
         settle(results)
-        if isinstance(results, BaseException):
-            raise results
         return raise_error(queued.reply(results))
 
     def _release_args(self, name: str, holder: str, limit: int, since: str) -> list[Any]:

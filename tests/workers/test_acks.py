@@ -98,3 +98,21 @@ def test_an_ack_off_the_loop_goes_at_once(r: redis.Redis, on_loop: tuple[Any, Hu
     acking.start()
     acking.join(10)
     assert not r.hexists(channel.unacked_key, "t1")
+
+
+def test_acks_refused_with_a_record_are_kept(r: redis.Redis, on_loop: tuple[Any, Hub]) -> None:
+    """A full Redis (maxmemory, noeviction) refuses the next delivery's record: the acks
+    that rode with it are kept, and go with the next one once Redis takes writes again."""
+    channel, _ = on_loop
+    _delivered(channel, "t1")
+    channel.qos.ack("t1")
+    r.config_set("maxmemory-policy", "noeviction")
+    r.config_set("maxmemory", "1")
+    try:
+        with pytest.raises(redis.ResponseError):
+            _delivered(channel, "t2")
+    finally:
+        r.config_set("maxmemory", "0")
+    assert r.hexists(channel.unacked_key, "t1")
+    _delivered(channel, "t3")
+    assert r.hkeys(channel.unacked_key) == [b"t3"]  # t1's removal went with t3's record

@@ -171,3 +171,35 @@ class TestParkedLeases:
         guard.run(FakeTask(body=lambda: None), (), {})  # releases the first as it acquires
         (second,) = bulkhead.snapshot().holders
         assert second != first
+
+
+def _raising(pipe: redis.client.Pipeline) -> Callable[[Results], None]:
+    raise redis.exceptions.SlotNotCoveredError("no node serves the slot (a failover)")
+
+
+def test_a_step_that_cannot_be_queued_does_not_take_the_others_down(r: redis.Redis) -> None:
+    held, order = Held(r, within=3600), list[str]()
+
+    def good(pipe: redis.client.Pipeline) -> Callable[[Results], None]:
+        pipe.set("good", "sent")
+        return lambda results: order.append("settled")
+
+    held.hold(_raising)
+    held.hold(good)
+    held.send()
+    assert r.get("good") == b"sent" and order == ["settled"]
+    assert not held.pending()
+
+
+def test_a_parked_lease_whose_step_was_lost_is_released(
+    r: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(held_module, "ORPHAN_AFTER", 0.05)
+    held = Held(r)
+    bulkhead = _bulkhead(r, "orphan")
+    lease = bulkhead.try_acquire(renew=False)
+    held.park(lease)
+    held.hold(_raising)  # its step, lost: it cannot be queued
+    poll(lambda: bulkhead.snapshot().in_use == 0, deadline=5, every=0.01,
+         what="the orphaned lease released by the flusher")  # fmt: skip
+    assert held.take("orphan") is None
