@@ -90,7 +90,20 @@ def test_the_fleet_survives_a_master_failover(
             killer = threading.Thread(target=kill_after_five)
             killer.start()
             failures: list[str] = []
-            done = [outcome(result, failures)["sku"] for result in sent]
+            try:
+                done = [outcome(result, failures)["sku"] for result in sent]
+            except AssertionError as exc:  # say where the missing task's message is
+                missing = [s.id for s in sent if not s.ready()]
+                master = connect(group.url, master=Sentinels.NAME)
+                where = {
+                    "queued": [m for m in master.lrange("inventory", 0, -1) if
+                               any(i.encode() in m for i in missing)],
+                    "unacked": [k for k, v in master.hgetall("unacked").items() if
+                                any(i.encode() in v for i in missing)],
+                }  # fmt: skip
+                log = worker.log.read_text(errors="replace").splitlines()[-40:]
+                raise AssertionError(f"{exc}; missing {missing}; on the new master: {where}; "
+                                     "worker log:\n" + "\n".join(log)) from None  # fmt: skip
             killer.join()
             assert done == [f"a{i}" for i in range(20)], "every task ran, none lost"
             assert not failures, "no task was ever stored as FAILURE"
