@@ -147,6 +147,10 @@ class MemoryBulkheadStore:
     def acquire(
         self, name: str, holder: str, limit: int, ttl: float, prelude: Prelude | None = None
     ) -> Outcome:
+        # No round trip to carry a prelude: its steps stay held and go alone (within
+        # workers.held's 10 ms). With several threads at the local limit, a held local
+        # release may so refuse a call for that long; a prefork child never parks a lease
+        # taken at the limit (`Lease.crowded`).
         with self._lock:
             now, b = self._clock(), self._get(name)
             b.purge(now)
