@@ -6,6 +6,7 @@ survives (the replica's copy)."""
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.integration
 FAST = {**FAILOVER_ENV, "BULWARK_SENTINEL_MASTER": Sentinels.NAME}
 
 
-def outcome(result: AsyncResult, failures: list[str]) -> Any:
+def outcome(result: AsyncResult, failures: list[str], deadline: float = 90) -> Any:
     """The task's result. Celery's result consumer raises while the master is gone
     (ConnectionError, then MasterNotFoundError until the sentinels agree on a new one,
     sometimes wrapped in kombu's OperationalError): a caller asks again, as here.
@@ -49,7 +50,7 @@ def outcome(result: AsyncResult, failures: list[str]) -> Any:
             return None
         return value
 
-    return poll(got, deadline=90, every=0.2, what=f"the result of {result.id}")
+    return poll(got, deadline=deadline, every=0.2, what=f"the result of {result.id}")
 
 
 def test_the_fleet_survives_a_master_failover(
@@ -90,22 +91,36 @@ def test_the_fleet_survives_a_master_failover(
             killer = threading.Thread(target=kill_after_five)
             killer.start()
             failures: list[str] = []
-            try:
-                done = [outcome(result, failures)["sku"] for result in sent]
-            except AssertionError as exc:  # say where the missing task's message is
-                missing = [s.id for s in sent if not s.ready()]
+            done: dict[str, str] = {}
+            end = time.monotonic() + 90
+            for result in sent:
+                try:
+                    left = max(end - time.monotonic(), 1.0)
+                    done[result.id] = outcome(result, failures, deadline=left)["sku"]
+                except AssertionError:
+                    pass  # its result never came: did the task run? (below)
+            killer.join()
+            missing = [s.id for s in sent if s.id not in done]
+            # Redis replicates asynchronously: a result written just before the master died
+            # can be lost with it (the promoted replica never had it). The task still ran
+            # once: the worker logged it as succeeded. Not run at all would be a lost task.
+            ran = worker.log.read_text(errors="replace")
+            not_run = [i for i in missing if f"[{i}] succeeded" not in ran]
+            if not_run:  # say where the lost task's message is
                 master = connect(group.url, master=Sentinels.NAME)
                 where = {
                     "queued": [m for m in master.lrange("inventory", 0, -1) if
-                               any(i.encode() in m for i in missing)],
+                               any(i.encode() in m for i in not_run)],
                     "unacked": [k for k, v in master.hgetall("unacked").items() if
-                                any(i.encode() in v for i in missing)],
+                                any(i.encode() in v for i in not_run)],
                 }  # fmt: skip
-                log = worker.log.read_text(errors="replace").splitlines()[-40:]
-                raise AssertionError(f"{exc}; missing {missing}; on the new master: {where}; "
-                                     "worker log:\n" + "\n".join(log)) from None  # fmt: skip
-            killer.join()
-            assert done == [f"a{i}" for i in range(20)], "every task ran, none lost"
+                log = ran.splitlines()[-40:]
+                raise AssertionError(f"tasks never ran: {not_run}; on the new master: {where}; "
+                                     "worker log:\n" + "\n".join(log))  # fmt: skip
+            assert len(missing) <= 2, f"results lost with the master: {missing}"
+            assert all(done[s.id] == f"a{i}" for i, s in enumerate(sent) if s.id in done), (
+                "each result is its own task's"
+            )
             assert not failures, "no task was ever stored as FAILURE"
             assert group.master_port() == new != old, "the sentinels promoted the replica"
             # The breaker's state came over with the replica, and goes on there.
