@@ -27,14 +27,29 @@ import signal
 from typing import Any
 
 from billiard.common import TERM_SIGNAL
-from billiard.pool import DEATH, EX_FAILURE, EX_OK
+from billiard.pool import DEATH, EX_FAILURE, EX_OK, SIG_SOFT_TIMEOUT
 from celery.concurrency.asynpool import AsynPool
 from celery.concurrency.asynpool import Worker as AsynWorker
 from celery.concurrency.prefork import TaskPool as PreforkTaskPool
 
 
 class PoolProcess(AsynWorker):  # type: ignore[misc]
-    """A pool process that exits once it has reported its exit, without a second's sleep."""
+    """A pool process that exits once it has reported its exit, without a second's sleep,
+    and that a soft time limit does not interrupt while it waits, leaving, for the parent
+    to read its last reports."""
+
+    def _ensure_messages_consumed(self, completed: int) -> bool:
+        # Every job of this process is done and reported here. A soft time limit signalled
+        # now is for one of them (the parent has not read its report yet): nothing to stop.
+        # billiard's handler would raise inside this wait, and the process end in a
+        # traceback printed as plain text instead of its log lines.
+        if SIG_SOFT_TIMEOUT is None:
+            return bool(super()._ensure_messages_consumed(completed))
+        previous = signal.signal(SIG_SOFT_TIMEOUT, signal.SIG_IGN)
+        try:
+            return bool(super()._ensure_messages_consumed(completed))
+        finally:
+            signal.signal(SIG_SOFT_TIMEOUT, previous)
 
     def _do_exit(self, pid: int, exitcode: int | None, exc: BaseException | None = None) -> None:
         if exitcode is None:

@@ -5,19 +5,23 @@ whose report nobody reads, and leaves the message unacknowledged)."""
 from __future__ import annotations
 
 import fcntl
+import multiprocessing
 import os
 import signal
 import struct
 import termios
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import redis
+from billiard.pool import SIG_SOFT_TIMEOUT, soft_timeout_sighandler
 
 from tests.conftest import StartWorker
 from tests.kit import poll
 from workers.client import client
+from workers.prefork import PoolProcess
 
 pytestmark = pytest.mark.integration
 
@@ -70,3 +74,27 @@ def test_a_warm_shutdown_waits_for_a_handed_job_and_no_longer(
     # Its message was acknowledged: nothing back on the queue, nothing held unacked.
     assert r.llen("inventory") == 0
     assert r.hlen("unacked") == 0
+
+
+def test_a_soft_time_limit_does_not_interrupt_a_leaving_process() -> None:
+    """Seen in `bulwark up`'s stop: the parent's soft time limit of a job the process had
+    finished (its report not yet read) reached the process as it waited, leaving, for the
+    parent to read its reports; billiard's handler raised there, and the process printed a
+    plain-text traceback. Now the wait ignores it, and the handler is back after."""
+    process = PoolProcess.__new__(PoolProcess)
+    counter = multiprocessing.Value("i", 0)
+    process.on_ready_counter = counter
+
+    def signal_then_read() -> None:
+        os.kill(os.getpid(), SIG_SOFT_TIMEOUT)  # the parent's soft time limit
+        counter.value = 1  # the parent reads the report
+
+    previous = signal.signal(SIG_SOFT_TIMEOUT, soft_timeout_sighandler)
+    try:
+        reader = threading.Timer(0.05, signal_then_read)
+        reader.start()
+        assert process._ensure_messages_consumed(completed=1) is True
+        reader.join()
+        assert signal.getsignal(SIG_SOFT_TIMEOUT) is soft_timeout_sighandler
+    finally:
+        signal.signal(SIG_SOFT_TIMEOUT, previous)
