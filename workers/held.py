@@ -13,10 +13,10 @@ takes it over instead of acquiring (no round trip at all), and the held step rel
 only if nobody took it. So a process busy with one bulkhead keeps one permit while it
 has work (for `PARK_FOR` at most), and gives it back `HOLD_WITHIN` after its last call:
 the fleet never holds more permits than the limit, and a process between two calls
-holds at most one. A lease taken when the bulkhead was full (`Lease.crowded`: others
-may be waiting) is never parked, and its release is sent at once, not held. Its
-held steps (the breaker outcomes, the budget's count) then go together, once per
-`HOLD_WITHIN`, instead of once per task.
+holds at most one. Its held steps (the breaker outcomes, the budget's count) then go
+together, once per `HOLD_WITHIN`, instead of once per task. A lease taken when the
+bulkhead was full (`Lease.crowded`: others may be waiting) is never parked, and its
+release is sent at once, not held.
 
 A held step waits at most `HOLD_WITHIN` seconds: a thread of the process sends it alone
 when no acquire came to carry it. It is sent before the process exits (Celery's
