@@ -257,6 +257,12 @@ def report(pool: str, body: str, n: int, results: dict[str, list[Run]]) -> None:
               f"{statistics.median(r.redis_usec for r in runs):8.1f} {shown_cpu:>28} "
               f"{shown_rss:>11} {per_process / bare_rss:6.2f} {enqueue:9.0f} "
               f"{enqueue / bare_enqueue:6.2f}")  # fmt: skip
+    plain, guarded = results.get("Bulwark, plain task"), results.get("+ policies")
+    if plain and guarded:
+        ratio = statistics.median(r.rate for r in guarded) / statistics.median(
+            r.rate for r in plain
+        )
+        print(f"policies alone: {ratio:.2f} of the Bulwark app without them (target 0.95)")
 
 
 def main() -> None:
