@@ -224,8 +224,10 @@ _held: PerProcess[Held] = PerProcess()
 
 
 def held() -> Held:
-    """This process's held steps, on the policy store's client."""
-    return _held.get("policies", lambda: Held(policy_redis()))
+    """This process's held steps, on the policy store's client (a new one after the
+    settings point elsewhere: `workers.resources.forget`)."""
+    client = policy_redis()
+    return _held.get(id(client), lambda: Held(client))
 
 
 def _send_held(**_: Any) -> None:

@@ -25,9 +25,12 @@ from tests.conftest import StartWorker
 from tests.kit import poll
 from tests.workers.test_guard import FakeTask
 from workers import held as held_module
+from workers import resources
 from workers.client import client
 from workers.guard import Guard
 from workers.held import HOLD_WITHIN, Held, Step
+from workers.ops.embedded import EmbeddedRedis
+from workers.settings import get_settings
 
 pytestmark = pytest.mark.integration
 
@@ -203,3 +206,22 @@ def test_a_parked_lease_whose_step_was_lost_is_released(
     poll(lambda: bulkhead.snapshot().in_use == 0, deadline=5, every=0.01,
          what="the orphaned lease released by the flusher")  # fmt: skip
     assert held.take("orphan") is None
+
+
+def test_settings_pointed_elsewhere_get_their_own_held_steps(
+    redis_url: str, spare_redis: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    get_settings.cache_clear()
+    resources.forget()
+    first = held_module.held()
+    assert first.client.connection_pool.connection_kwargs["port"] != spare_redis.port
+    monkeypatch.setenv("REDIS_URL", spare_redis.url)
+    get_settings.cache_clear()
+    resources.forget()
+    second = held_module.held()
+    assert second is not first
+    assert second.client.connection_pool.connection_kwargs["port"] == spare_redis.port
+    assert held_module.held() is second
+    get_settings.cache_clear()
+    resources.forget()
