@@ -238,33 +238,17 @@ class Guard:
         """Book the outcome, free the lease, count the call and settle an execute-once claim:
         one pipelined round trip. After a success it is held for the process's next round
         trip and the lease parked for its next call on the bulkhead (`workers.held`)."""
+        step: Step = functools.partial(self._queue_after, permit, lease, success, duration,
+                                       once_id, result)  # fmt: skip
         if self.held is None:
-            Held(self.client).send(self._after_step(permit, lease, success, duration, once_id,
-                                                    result))  # fmt: skip
+            Held(self.client).send(step)
         elif success and once_id is None and (lease is None or not lease.crowded):
-            parked = lease is not None and self.held.parks(lease)
-            if lease is not None and parked:
+            if lease is not None and self.held.parks(lease):
                 self.held.park(lease)  # the next call on this bulkhead may take it over
-            self.held.hold(self._after_step(permit, lease, success, duration, once_id, result,
-                                            parked=parked))  # fmt: skip
+                step = functools.partial(step, parked=True)
+            self.held.hold(step)
         else:
-            self.held.send(self._after_step(permit, lease, success, duration, once_id, result))
-
-    def _after_step(
-        self,
-        permit: Permit | None,
-        lease: Lease | None,
-        success: bool,
-        duration: float,
-        once_id: str | None,
-        result: Any,
-        *,
-        parked: bool = False,
-    ) -> Step:
-        """The after-step as a `workers.held` step; a parked lease is released only if no
-        call took it over by the time the step is sent."""
-        return functools.partial(self._queue_after, permit, lease, success, duration, once_id,
-                                 result, parked)  # fmt: skip
+            self.held.send(step)
 
     def _queue_after(
         self,
@@ -274,10 +258,12 @@ class Guard:
         duration: float,
         once_id: str | None,
         result: Any,
-        parked: bool,
         pipe: redis.client.Pipeline,
+        *,
+        parked: bool = False,
     ) -> Callable[[Results], None]:
-        """Queue the after-step on `pipe`; the returned function reads its replies."""
+        """Queue the after-step on `pipe`; the returned function reads its replies. A
+        `parked` lease is released only if no call took it over by the time it is sent."""
         once_at = len(pipe)
         if once_id is not None and self.once is not None:
             if result is _NO_RESULT:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import atexit
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -231,10 +230,7 @@ def held() -> Held:
 
 
 def _send_held(**_: Any) -> None:
-    pid = os.getpid()  # a forked child has a copy of its parent's: not its own to send
-    for (_key, built_in), one in list(_held._built.items()):
-        if built_in != pid:
-            continue
+    for one in _held.mine():  # a forked child's copy of its parent's is not its to send
         try:
             one.send(leave=True)
         except Exception:

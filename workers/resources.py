@@ -65,6 +65,13 @@ class PerProcess(Generic[T]):
                     found = self._built[full] = build()
         return found
 
+    def mine(self) -> list[T]:
+        """The objects built in this process (a forked child's copies of its parent's are
+        not: they are the parent's to use)."""
+        pid = os.getpid()
+        with self._lock:
+            return [one for (_, built_in), one in self._built.items() if built_in == pid]
+
     def clear(self) -> None:
         """Drop every built object (tests that change settings)."""
         with self._lock:
