@@ -17,11 +17,12 @@ sets `health_check_interval`, and redis-py retries a command that met a dead soc
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
 
-__all__ = ["PEEK_AFTER", "LeanConnectionPool"]
+__all__ = ["PEEK_AFTER", "LeanConnectionPool", "execute_meanwhile"]
 
 #: Seconds a pooled connection may sit idle before its socket is peeked at on checkout.
 PEEK_AFTER = 1.0
@@ -74,3 +75,28 @@ class LeanConnectionPool(redis.ConnectionPool):
                 connection.disconnect()
             setattr(connection, _IDLE_SINCE, time.monotonic())
             self._available_connections.append(connection)
+
+
+def execute_meanwhile(pipe: Any, meanwhile: Callable[[], None]) -> list[Any]:
+    """`pipe.execute(raise_on_error=False)`, calling `meanwhile` once the commands are sent
+    and before the first reply is read: work done while Redis runs them, instead of waiting
+    for its answer. `meanwhile` must not raise (it would leave the replies unread, and
+    redis-py then drops the connection). If nothing is sent, it is called after."""
+    read = pipe.parse_response
+    called = False
+
+    def first_reply(*args: Any, **kwargs: Any) -> Any:
+        nonlocal called
+        vars(pipe).pop("parse_response", None)  # the other replies: read as usual
+        if not called:
+            called = True
+            meanwhile()
+        return read(*args, **kwargs)
+
+    pipe.parse_response = first_reply
+    try:
+        return pipe.execute(raise_on_error=False)  # type: ignore[no-any-return]
+    finally:
+        vars(pipe).pop("parse_response", None)
+        if not called:
+            meanwhile()

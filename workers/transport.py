@@ -17,6 +17,7 @@ dead letter, it is kept in a dead-letter store on the broker's Redis instead.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -33,9 +34,15 @@ from kombu.utils.json import dumps as kombu_dumps
 from policies.deadletter import DeadLetter, DeadLetterStore
 from policies.replay import Replays, state
 from workers.envelope import envelope_problem, kept_raw, parse_envelope
-from workers.redis_pool import LeanConnectionPool
+from workers.redis_pool import LeanConnectionPool, execute_meanwhile
 from workers.resources import deadletters
-from workers.security.verifier import CONSUMED_FROM, FROM_JSON, JTI_SEEN, jti_of
+from workers.security.verifier import (
+    CONSUMED_FROM,
+    FROM_JSON,
+    JTI_SEEN,
+    jti_of,
+    verify_early,
+)
 from workers.telemetry.metrics import metrics
 
 __all__ = [
@@ -118,6 +125,13 @@ _unsettled_lock = threading.Lock()
 _GONE = (redis.ConnectionError, redis.TimeoutError)
 
 
+def note(message: Any, queue: str) -> None:
+    """Note on a message, for its verification, the queue it was taken from and that its
+    headers came out of the JSON envelope."""
+    setattr(message, CONSUMED_FROM, queue)
+    setattr(message, FROM_JSON, True)
+
+
 def unsettled() -> dict[str, str]:
     """The deliveries waiting to be settled (a copy, for tests and logs)."""
     with _unsettled_lock:
@@ -127,7 +141,8 @@ def unsettled() -> dict[str, str]:
 class GuardedQoS(kombu_redis.QoS):
     """Restores unacked messages, quarantining entries of the `unacked` hash that do not parse;
     notes each signed message's jti as delivered, and as done when it is acknowledged, in
-    the round trips that record and remove the delivery (`policies.replay`). An ack or a
+    the round trips that record and remove the delivery (`policies.replay`), and verifies
+    the message while its record is on the way (`execute_meanwhile`, `verify_early`). An ack or a
     restore that meets a broker gone away is kept and done once it is back (`_unsettled`).
 
     An acknowledgement made on the worker's event loop (prefork: the main process, as a
@@ -149,6 +164,9 @@ class GuardedQoS(kombu_redis.QoS):
         delivery = message.delivery_info
         exchange, routing_key = delivery["exchange"], delivery["routing_key"]
         signed = jti_of(message)
+        delivering = getattr(self.channel, "_bulwark_delivering", None)
+        if delivering is not None:
+            note(message, delivering)
         acks = self._take_acks()
         try:
             with self.pipe_or_acquire() as pipe:
@@ -158,7 +176,10 @@ class GuardedQoS(kombu_redis.QoS):
                 pipe.hset(self.unacked_key, delivery_tag, kombu_dumps([message._raw, exchange,
                                                                        routing_key]))  # fmt: skip
                 seen = self._replays().queue_seen(pipe, *signed) if signed else None
-                results = pipe.execute(raise_on_error=False)
+                if signed and delivering is not None:  # verified while Redis records it
+                    results = execute_meanwhile(pipe, functools.partial(verify_early, message))
+                else:
+                    results = pipe.execute(raise_on_error=False)
             errors = [r for r in results[recorded : recorded + 2] if isinstance(r, Exception)]
             if errors:
                 raise errors[0]
@@ -372,11 +393,14 @@ class GuardedChannel(kombu_redis.Channel):
             kept = self._bulwark_client = (pool, self._create_client())
         yield kept[1]
 
+    #: The queue `_deliver_item` is delivering from, while it does (`GuardedQoS.append`
+    #: notes it on the message before its record, as it verifies the message meanwhile).
+    _bulwark_delivering: str | None = None
+
     def basic_consume(self, queue: str, no_ack: bool, callback: Any, consumer_tag: Any,
                       **kwargs: Any) -> Any:  # fmt: skip
         def noted(message: Any) -> Any:
-            setattr(message, CONSUMED_FROM, queue)  # the queue it came from, for verification
-            setattr(message, FROM_JSON, True)  # its headers: out of the JSON envelope
+            note(message, queue)
             return callback(message)
 
         return super().basic_consume(queue, no_ack, noted, consumer_tag, **kwargs)
@@ -399,11 +423,14 @@ class GuardedChannel(kombu_redis.Channel):
         envelope = parse_envelope(item)
         problem = envelope.problem
         if problem is None and envelope.payload is not None:
+            self._bulwark_delivering = queue
             try:
                 self.connection._deliver(envelope.payload, queue)
                 return
             except RecursionError:
                 problem = "nested too deeply for kombu"
+            finally:
+                self._bulwark_delivering = None
         with self.conn_or_acquire() as client:
             quarantine(item, problem or "empty", queue, source="queue", broker=client)
 

@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 import redis
 
+from tests.kit import poll
 from workers import redis_pool
-from workers.redis_pool import LeanConnectionPool
+from workers.redis_pool import LeanConnectionPool, execute_meanwhile
 from workers.stores import connect
 
 pytestmark = pytest.mark.integration
@@ -86,3 +87,26 @@ def test_a_forked_child_does_not_reuse_its_parents_connection(redis_url: str) ->
     assert child != parent
     assert client.client_id() == parent  # the parent's connection still works
     client.close()
+
+
+def test_meanwhile_runs_once_the_commands_are_sent(r: redis.Redis, redis_url: str) -> None:
+    client = connect(redis_url)
+    seen: list[bool] = []
+
+    def meanwhile() -> None:  # the commands are at the server: another connection sees them
+        seen.append(bool(poll(lambda: r.get("meanwhile") == b"2", deadline=5, every=0.001)))
+
+    with client.pipeline() as pipe:
+        pipe.set("meanwhile", 1).incr("meanwhile")
+        assert execute_meanwhile(pipe, meanwhile) == [True, 2]
+    assert seen == [True]
+    client.close()
+
+
+def test_meanwhile_runs_once_when_nothing_could_be_sent() -> None:
+    client = connect("redis://127.0.0.1:1/0", retry=None, socket_connect_timeout=1)
+    calls: list[int] = []
+    with client.pipeline() as pipe, pytest.raises(redis.ConnectionError):
+        pipe.set("k", 1)
+        execute_meanwhile(pipe, lambda: calls.append(1))
+    assert calls == [1]
