@@ -25,9 +25,10 @@ drain from its first task done to its last. The stacks, each adding to the one b
 
 For each: tasks/s and the ratio to bare Celery; Redis commands and their time per task
 (INFO commandstats: a script's commands count inside and outside it); CPU per task of
-the worker's main process, its pool children and redis-server (/proc); RSS per worker
-process; enqueue rate of the stack's producer (`send_task` of the bare app,
-`workers.client` for Bulwark) and its ratio.
+the worker's main process, its pool children and redis-server (/proc); RSS and USS per
+worker process (USS: the pages that process alone holds, what one more pool process
+costs; RSS adds every page it shares, the libraries' code included); enqueue rate of the
+stack's producer (`send_task` of the bare app, `workers.client` for Bulwark) and its ratio.
 
 Bodies: `noop` (one INCR) and `sleep` (10 ms, then one INCR: an I/O-bound job). Pools:
 prefork -c 2 and threads -c 8. The layer rows run for prefork/noop; the other pool and
@@ -59,7 +60,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.benchtasks import DONE  # noqa: E402
-from bench.measure import children, commands, cpu_seconds, rss_mib  # noqa: E402
+from bench.measure import children, commands, cpu_seconds, rss_mib, uss_mib  # noqa: E402
 from workers.ops.embedded import EmbeddedRedis  # noqa: E402
 from workers.security.keys import dev_keys  # noqa: E402
 
@@ -131,6 +132,7 @@ class Run:
     redis_usec: float
     cpu: dict[str, float]
     rss: tuple[float, float]
+    uss: tuple[float, float]
 
 
 def enqueue(stack: Stack, body: str, n: int) -> float:
@@ -191,6 +193,7 @@ def one_run(url: str, redis_pid: int, stack: Stack, pool: str, body: str, n: int
         calls1, usec1 = commandstats(client)
         cpu1 = [cpu_seconds(p) for p in pids], cpu_seconds(redis_pid)
         rss = [rss_mib(p) for p in pids]
+        uss = [uss_mib(p) for p in pids]
     finally:
         worker.terminate()
         worker.wait(30)
@@ -205,6 +208,7 @@ def one_run(url: str, redis_pid: int, stack: Stack, pool: str, body: str, n: int
         redis_usec=(usec1 - usec0) / ran,
         cpu={"main": main, "children": kids, "redis": (cpu1[1] - cpu0[1]) * per_task},
         rss=(rss[0], statistics.mean(rss[1:]) if len(rss) > 1 else 0.0),
+        uss=(uss[0], statistics.mean(uss[1:]) if len(uss) > 1 else 0.0),
     )
 
 
@@ -234,29 +238,35 @@ def otlp_receiver() -> Iterator[str]:
 # -- report ---------------------------------------------------------------------------------------
 
 
+def _memory(runs: list[Run], field: str) -> tuple[float, float, str]:
+    """(main, per pool process, shown) medians of `rss` or `uss`; a process with no pool
+    children (threads) counts as its own pool process."""
+    main = statistics.median(getattr(r, field)[0] for r in runs)
+    child = statistics.median(getattr(r, field)[1] for r in runs)
+    return main, child or main, f"{main:.0f}/{child:.0f}" if child else f"{main:.0f}"
+
+
 def report(pool: str, body: str, n: int, results: dict[str, list[Run]]) -> None:
     bare = results["bare Celery"]
     bare_rate = statistics.median(r.rate for r in bare)
     bare_enqueue = statistics.median(r.enqueue for r in bare)
-    bare_rss = statistics.median(r.rss[1] or r.rss[0] for r in bare)
+    bare_rss, bare_uss = _memory(bare, "rss")[1], _memory(bare, "uss")[1]
     print(f"\n{pool}, {body} tasks ({n} a round, median of {len(bare)} rounds)")
     print(f"{'stack':26} {'tasks/s':>8} {'ratio':>6} {'cmds':>5} {'cmd us':>8} "
-          f"{'cpu us/task main+pool+redis':>28} {'RSS MiB':>11} {'rss x':>6} "
-          f"{'enqueue/s':>9} {'ratio':>6}")  # fmt: skip
+          f"{'cpu us/task main+pool+redis':>28} {'RSS MiB':>9} {'rss x':>6} "
+          f"{'USS MiB':>9} {'uss x':>6} {'enqueue/s':>9} {'ratio':>6}")  # fmt: skip
     for name, runs in results.items():
         rate = statistics.median(r.rate for r in runs)
         enqueue = statistics.median(r.enqueue for r in runs)
         cpu = {k: statistics.median(r.cpu[k] for r in runs) for k in runs[0].cpu}
-        main_rss = statistics.median(r.rss[0] for r in runs)
-        child_rss = statistics.median(r.rss[1] for r in runs)
-        per_process = child_rss or main_rss
+        _, rss, shown_rss = _memory(runs, "rss")
+        _, uss, shown_uss = _memory(runs, "uss")
         shown_cpu = f"{cpu['main']:.0f}+{cpu['children']:.0f}+{cpu['redis']:.0f}"
-        shown_rss = f"{main_rss:.0f}/{child_rss:.0f}" if child_rss else f"{main_rss:.0f}"
         print(f"{name:26} {rate:8.0f} {rate / bare_rate:6.2f} "
               f"{statistics.median(r.commands for r in runs):5.1f} "
               f"{statistics.median(r.redis_usec for r in runs):8.1f} {shown_cpu:>28} "
-              f"{shown_rss:>11} {per_process / bare_rss:6.2f} {enqueue:9.0f} "
-              f"{enqueue / bare_enqueue:6.2f}")  # fmt: skip
+              f"{shown_rss:>9} {rss / bare_rss:6.2f} {shown_uss:>9} {uss / bare_uss:6.2f} "
+              f"{enqueue:9.0f} {enqueue / bare_enqueue:6.2f}")  # fmt: skip
     plain, guarded = results.get("Bulwark, plain task"), results.get("+ policies")
     if plain and guarded:
         ratio = statistics.median(r.rate for r in guarded) / statistics.median(
