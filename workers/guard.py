@@ -263,7 +263,8 @@ class Guard:
         parked: bool = False,
     ) -> Callable[[Results], None]:
         """Queue the after-step on `pipe`; the returned function reads its replies. A
-        `parked` lease is released only if no call took it over by the time it is sent."""
+        `parked` lease is released only if no call took it over, and it was parked
+        `HOLD_WITHIN` ago or more (`Held.gives_back`); otherwise the flusher does, when due."""
         once_at = len(pipe)
         if once_id is not None and self.once is not None:
             if result is _NO_RESULT:
@@ -280,7 +281,7 @@ class Guard:
             self.bulkhead.release_in(pipe, lease)
             if lease is not None
             and self.bulkhead is not None
-            and (not parked or self.held is None or self.held.unpark(lease))
+            and (not parked or self.held is None or self.held.gives_back(lease))
             else None
         )
         counted = self.budget.count_call_in(pipe) if self.budget is not None else None

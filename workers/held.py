@@ -9,9 +9,11 @@ bulkhead and the limit is never exceeded. A busy worker process makes one round 
 per guarded task instead of two.
 
 A success also *parks* its bulkhead lease: the process's next call on the same bulkhead
-takes it over instead of acquiring (no round trip at all), and the held step releases it
-only if nobody took it. So a process busy with one bulkhead keeps one permit while it
-has work (for `PARK_FOR` at most), and gives it back `HOLD_WITHIN` after its last call:
+takes it over instead of acquiring (no round trip at all). Nobody took it `HOLD_WITHIN`
+after it was parked: it is released, by its held step or, if that went earlier (with
+another call's acquire, or with the steps held before it), by the flusher when it is due.
+So a process busy with one bulkhead keeps one permit while it has work (for `PARK_FOR`
+at most), and gives it back `HOLD_WITHIN` after its last call:
 the fleet never holds more permits than the limit, and a process between two calls
 holds at most one. Its held steps (the breaker outcomes, the budget's count) then go
 together, once per `HOLD_WITHIN`, instead of once per task. A lease taken when the
@@ -33,6 +35,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -51,6 +54,14 @@ HOLD_WITHIN = 0.01
 
 #: A lease parked this long whose step never came (it failed to queue) is released.
 ORPHAN_AFTER = 1.0
+
+
+@dataclass(slots=True)
+class _Parked:
+    lease: Lease
+    at: float  # when it was parked (monotonic)
+    due: float  # when the flusher releases it if it is still parked
+
 
 #: Longest a lease is taken over from call to call: then it is given back and taken
 #: again, so a process learns whether the bulkhead filled up meanwhile.
@@ -73,8 +84,8 @@ class Held:
         self._since = 0.0
         self._changed = threading.Condition()
         self._idle = False
-        #: Bulkhead name -> (lease, when parked): its step releases it if nobody took it.
-        self._parked: dict[str, list[tuple[Lease, float]]] = {}
+        #: Bulkhead name -> its leases parked here, to be taken over or released.
+        self._parked: dict[str, list[_Parked]] = {}
         self._flusher: threading.Thread | None = None
 
     def pending(self) -> bool:
@@ -106,8 +117,9 @@ class Held:
 
     def park(self, lease: Lease) -> None:
         """Keep `lease` for this process's next call on its bulkhead (see `take`)."""
+        now = time.monotonic()
         with self._changed:
-            self._parked.setdefault(lease.name, []).append((lease, time.monotonic()))
+            self._parked.setdefault(lease.name, []).append(_Parked(lease, now, now + ORPHAN_AFTER))
 
     def take(self, bulkhead: str) -> Lease | None:
         """A parked lease of `bulkhead`, live and taken less than `PARK_FOR` ago, now the
@@ -116,9 +128,9 @@ class Held:
         with self._changed:
             parked = self._parked.get(bulkhead, [])
             for at in range(len(parked) - 1, -1, -1):
-                lease = parked[at][0]
-                if lease.released or lease.lost or now - lease.taken_at >= PARK_FOR:
-                    continue  # its own step releases it (or finds it gone)
+                lease = parked[at].lease
+                if lease.released or lease.lost or _too_old(lease, now):
+                    continue  # its step, or the flusher, releases it (or finds it gone)
                 del parked[at]
                 lease.since = ""  # held across calls: no sample of one call's hold time
                 return lease
@@ -128,10 +140,27 @@ class Held:
         """True if `lease` was still parked (nobody took it): the caller releases it."""
         with self._changed:
             parked = self._parked.get(lease.name, [])
-            for at, (one, _) in enumerate(parked):
-                if one is lease:
+            for at, one in enumerate(parked):
+                if one.lease is lease:
                     del parked[at]
                     return True
+        return False
+
+    def gives_back(self, lease: Lease) -> bool:
+        """Asked by a parked lease's step as it is queued: True if the step is to release
+        it now (still parked, and parked `within` ago or more, or too old to be taken
+        over). One parked more recently stays parked, for the process's next call, until
+        `within` after it was parked: then the flusher releases it if nobody took it."""
+        now = time.monotonic()
+        with self._changed:
+            parked = self._parked.get(lease.name, [])
+            for at, one in enumerate(parked):
+                if one.lease is lease:
+                    if now - one.at >= self.within or _too_old(lease, now):
+                        del parked[at]
+                        return True
+                    one.due = one.at + self.within
+                    return False
         return False
 
     def prelude(self, pipe: redis.client.Pipeline) -> Callable[[Results], None]:
@@ -152,7 +181,7 @@ class Held:
         whose step was lost are released too; `leave`: every parked lease (at exit)."""
         with self.sending:
             pipe = self.client.pipeline(transaction=False)
-            settles = [self.prelude(pipe), *self._orphans(pipe, leave)]
+            settles = [self.prelude(pipe), *self._due(pipe, leave)]
             if step is not None:
                 queued = _queued(step, pipe)
                 if queued is not None:
@@ -171,16 +200,17 @@ class Held:
             for settle in settles:
                 settle(results)
 
-    def _orphans(self, pipe: redis.client.Pipeline, leave: bool) -> list[Callable[[Results], None]]:
-        """Release parked leases whose step is gone (it failed to queue): parked longer than
-        `ORPHAN_AFTER`, or all of them when the process leaves."""
+    def _due(self, pipe: redis.client.Pipeline, leave: bool) -> list[Callable[[Results], None]]:
+        """Release the parked leases that are due: nobody took one `within` after it was
+        parked (its step went earlier), or its step is gone (it failed to queue:
+        `ORPHAN_AFTER`); all of them when the process leaves."""
         now = time.monotonic()
         with self._changed:
             found = [
-                lease
+                one.lease
                 for parked in self._parked.values()
-                for lease, at in parked
-                if leave or now - at >= ORPHAN_AFTER
+                for one in parked
+                if leave or one.due <= now
             ]
         settles = []
         for lease in found:
@@ -191,24 +221,25 @@ class Held:
     def _flush_when_due(self) -> None:
         while True:
             with self._changed:
-                while not self._steps:
-                    self._idle = True
-                    # Parked leases left: look again after ORPHAN_AFTER for lost steps.
-                    self._changed.wait(ORPHAN_AFTER if self._any_parked() else None)
+                while (wait := self._until_due()) is None or wait > 0:
+                    self._idle = not self._steps  # `hold` wakes it for a first step
+                    self._changed.wait(wait)
                     self._idle = False
-                    if not self._steps and self._any_parked():
-                        break
-                remaining = self._since + self.within - time.monotonic()
-                if self._steps and remaining > 0:
-                    self._changed.wait(remaining)
-                    continue
             try:
                 self.send()
             except Exception:  # a settle that raised: said, the process goes on
                 logger.exception("held policy steps could not be settled")
 
-    def _any_parked(self) -> bool:
-        return any(self._parked.values())
+    def _until_due(self) -> float | None:
+        """Seconds until the held steps or a parked lease are due; None: nothing is."""
+        dues = [one.due for parked in self._parked.values() for one in parked]
+        if self._steps:
+            dues.append(self._since + self.within)
+        return min(dues) - time.monotonic() if dues else None
+
+
+def _too_old(lease: Lease, now: float) -> bool:
+    return now - lease.taken_at >= PARK_FOR
 
 
 def _queued(step: Step, pipe: redis.client.Pipeline) -> Callable[[Results], None] | None:

@@ -155,8 +155,24 @@ class TestParkedLeases:
         guard.run(FakeTask(body=lambda: None), (), {})
         assert _commands(r) - before == 1, "no command but the INFO that counts them"
         assert list(bulkhead.snapshot().holders) == [holder], "the same permit, taken over"
-        held.send()
+        held.send(leave=True)  # a process leaving gives back what it parked
         assert bulkhead.snapshot().in_use == 0
+
+    def test_a_parked_permit_outlives_a_step_sent_early(self, r: redis.Redis) -> None:
+        """The step goes (with another call's acquire, or behind earlier steps) before its
+        lease was parked `within`: the lease stays for the next call, and is given back
+        `within` after it was parked, by the flusher."""
+        within = 0.3
+        held = Held(r, within=within)
+        guard, bulkhead = self.guarded(r, 2, held)
+        guard.run(FakeTask(body=lambda: None), (), {})
+        parked = time.monotonic()
+        held.send()  # early: the breaker's and budget's part go, the lease stays
+        assert bulkhead.snapshot().in_use == 1
+        poll(lambda: bulkhead.snapshot().in_use == 0, deadline=5, every=0.01,
+             what="the parked permit given back when due")  # fmt: skip
+        assert time.monotonic() - parked >= within
+        assert held.take("parked") is None
 
     def test_a_permit_taken_from_a_full_bulkhead_goes_back_at_once(self, r: redis.Redis) -> None:
         guard, bulkhead = self.guarded(r, 1, Held(r, within=3600))
