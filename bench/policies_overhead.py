@@ -12,7 +12,9 @@ Prints, on a private redis-server and a real prefork worker:
 4. breaker-open propagation latency to 1 and to `--watchers` (32) other processes
    (pub/sub invalidation of the local cache; target p99 <= 100 ms);
 5. redis-server CPU and commands per guarded task with 2 worker processes and
-   with 32 (target: flat, within 10 %).
+   with 32 (target: flat, within 10 %); and with 2 processes whose calls come as far
+   apart as each of the 32's did (tasks sent at that pace): what a task costs Redis
+   follows how often one process calls, not how many processes there are.
 
 Figures, not asserts: run it on a quiet machine and read them.
 """
@@ -314,36 +316,68 @@ def propagation(url: str, trials: int, watchers: int) -> None:
 # -- 5: Redis server CPU per task, 2 worker processes against 32 --------------------------------
 
 
-def scale(url: str, redis_pid: int, n: int, workdir: Path) -> None:
-    """Drain `n` guarded tasks with 2 worker processes, then with 32 (4 workers of 8)."""
+def _drain(url: str, redis_pid: int, workdir: Path, workers: int, concurrency: int,
+           n: int, pace: float | None = None) -> tuple[float, ...]:  # fmt: skip
+    """Run `n` guarded tasks on `workers` workers of `concurrency` processes: queued before
+    they start, or with `pace`, sent one at a time at that rate once they run. (tasks a
+    second; per task: redis-server CPU seconds, commands, the policies' scripts (EVALSHA
+    calls and their usec)) from the first done to the last."""
     app = make_client()
     client = redis.Redis.from_url(url)
-    print("5. Redis per guarded task, 2 worker processes against 32 (one breaker, one bulkhead):")
-    for workers, concurrency in ((1, 2), (4, 8)):
-        client.delete(DONE)
+    client.delete(DONE)
+    if pace is None:
         for i in range(n):
             app.send_task("bench.guarded", args=[i], queue="default")
-        started = [
-            start_worker(url, workdir / f"scale-{w}.log", f"scale{w}@local", concurrency, "default")
-            for w in range(workers)
-        ]
-        try:
-            while int(client.get(DONE) or 0) < 1:
-                time.sleep(0.002)
-            calls0 = sum(commands(client).values())
-            cpu0, done0 = cpu_seconds(redis_pid), int(client.get(DONE) or 0)
-            while (done := int(client.get(DONE) or 0)) < n:
-                time.sleep(0.005)
-            calls1, cpu1 = sum(commands(client).values()), cpu_seconds(redis_pid)
-        finally:
-            for worker in started:
-                worker.terminate()
-            for worker in started:
-                worker.wait(30)
-        ran = done - done0
-        print(f"   {workers * concurrency:2d} processes: redis-server CPU "
-              f"{(cpu1 - cpu0) / ran * 1e6:6.0f} us/task, {(calls1 - calls0) / ran:5.1f} "
-              "commands/task (a script's commands count inside and outside it)")  # fmt: skip
+    started = [
+        start_worker(url, workdir / f"scale-{w}.log", f"scale{w}@local", concurrency, "default")
+        for w in range(workers)
+    ]
+    try:
+        if pace is not None:
+            app.send_task("bench.guarded", args=[0], queue="default")
+        while int(client.get(DONE) or 0) < 1:
+            time.sleep(0.002)
+        calls0, usec0 = commands(client), commands(client, "usec")
+        cpu0, done0, t0 = cpu_seconds(redis_pid), int(client.get(DONE) or 0), time.perf_counter()
+        if pace is not None:
+            for i in range(1, n):
+                time.sleep(max(0.0, t0 + i / pace - time.perf_counter()))
+                app.send_task("bench.guarded", args=[i], queue="default")
+        while (done := int(client.get(DONE) or 0)) < n:
+            time.sleep(0.005)
+        elapsed = time.perf_counter() - t0
+        calls1, usec1 = commands(client), commands(client, "usec")
+        cpu1 = cpu_seconds(redis_pid)
+    finally:
+        for worker in started:
+            worker.terminate()
+        for worker in started:
+            worker.wait(30)
+    ran = done - done0
+    scripts = calls1.get("evalsha", 0) - calls0.get("evalsha", 0)
+    script_usec = usec1.get("evalsha", 0) - usec0.get("evalsha", 0)
+    commanded = sum(calls1.values()) - sum(calls0.values())
+    return ran / elapsed, (cpu1 - cpu0) / ran, commanded / ran, scripts / ran, script_usec / ran
+
+
+def scale(url: str, redis_pid: int, n: int, workdir: Path) -> None:
+    """Drain `n` guarded tasks with 2 worker processes, then with 32 (4 workers of 8); then
+    2 processes again, with the tasks sent at the pace each of the 32 saw its calls."""
+    print("5. Redis per guarded task, 2 worker processes against 32 (one breaker, one bulkhead):")
+    alone = _drain(url, redis_pid, workdir, 1, 2, n)
+    many = _drain(url, redis_pid, workdir, 4, 8, n)
+    pace = many[0] * 2 / 32  # each of 2 processes calls as often as each of the 32 did
+    paced = _drain(url, redis_pid, workdir, 1, 2, max(100, int(pace * 10)), pace)
+    for label, (rate, cpu, calls, scripts, script_usec) in (
+        ("2 processes", alone), ("32 processes", many), ("2 processes, paced", paced)
+    ):  # fmt: skip
+        print(f"   {label:20} {rate:6.0f} tasks/s, redis-server CPU {cpu * 1e6:4.0f} us/task, "
+              f"{calls:5.1f} commands/task, scripts {scripts:4.2f}/task "
+              f"{script_usec:5.1f} us")  # fmt: skip
+    print(
+        "   (a script's commands count inside and outside it; paced: with 2 processes, each "
+        "one's calls as far apart as each of the 32's were)"
+    )
 
 
 def main() -> None:
