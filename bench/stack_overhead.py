@@ -27,8 +27,10 @@ For each: tasks/s and the ratio to bare Celery; Redis commands and their time pe
 (INFO commandstats: a script's commands count inside and outside it); CPU per task of
 the worker's main process, its pool children and redis-server (/proc); RSS and USS per
 worker process (USS: the pages that process alone holds, what one more pool process
-costs; RSS adds every page it shares, the libraries' code included); enqueue rate of the
-stack's producer (`send_task` of the bare app, `workers.client` for Bulwark) and its ratio.
+costs; RSS adds every page it shares, the libraries' code included); the median wait
+of a pool process between jobs (`bench/gaps.py`: from a task's end to the same process's
+next task's start); enqueue rate of the stack's producer (`send_task` of the bare app,
+`workers.client` for Bulwark) and its ratio.
 
 Bodies: `noop` (one INCR) and `sleep` (10 ms, then one INCR: an I/O-bound job). Pools:
 prefork -c 2 and threads -c 8. The layer rows run for prefork/noop; the other pool and
@@ -59,6 +61,7 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import gaps  # noqa: E402
 from bench.benchtasks import DONE  # noqa: E402
 from bench.measure import children, commands, cpu_seconds, rss_mib, uss_mib  # noqa: E402
 from workers.ops.embedded import EmbeddedRedis  # noqa: E402
@@ -133,6 +136,7 @@ class Run:
     cpu: dict[str, float]
     rss: tuple[float, float]
     uss: tuple[float, float]
+    gap: float  # median seconds from a job's end to its process's next job's start
 
 
 def enqueue(stack: Stack, body: str, n: int) -> float:
@@ -167,7 +171,9 @@ def one_run(url: str, redis_pid: int, stack: Stack, pool: str, body: str, n: int
     )  # fmt: skip
     enqueued = float(sent.stdout.split()[-1])
     level = os.environ.get("BULWARK_LOG_LEVEL", "warning").upper()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "BULWARK_LOG_LEVEL": level.lower()}
+    gaps_dir = Path(tempfile.mkdtemp(prefix="gaps-", dir=log.parent))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "BULWARK_LOG_LEVEL": level.lower(),
+           "BENCH_GAPS_DIR": str(gaps_dir)}  # fmt: skip
     command = [
         sys.executable, "-m", "celery", "-A", stack.module, "worker", "-Q", "default",
         "-n", "bench@local", *POOLS[pool], "--without-mingle", "--without-gossip",
@@ -199,6 +205,7 @@ def one_run(url: str, redis_pid: int, stack: Stack, pool: str, body: str, n: int
         worker.wait(30)
     ran = done - done_before
     per_task = 1e6 / ran
+    waits = gaps.read(gaps_dir)
     main = (cpu1[0][0] - cpu0[0][0]) * per_task
     kids = sum(b - a for a, b in zip(cpu0[0][1:], cpu1[0][1:], strict=True)) * per_task
     return Run(
@@ -209,6 +216,7 @@ def one_run(url: str, redis_pid: int, stack: Stack, pool: str, body: str, n: int
         cpu={"main": main, "children": kids, "redis": (cpu1[1] - cpu0[1]) * per_task},
         rss=(rss[0], statistics.mean(rss[1:]) if len(rss) > 1 else 0.0),
         uss=(uss[0], statistics.mean(uss[1:]) if len(uss) > 1 else 0.0),
+        gap=statistics.median(waits) if waits else float("nan"),
     )
 
 
@@ -254,7 +262,7 @@ def report(pool: str, body: str, n: int, results: dict[str, list[Run]]) -> None:
     print(f"\n{pool}, {body} tasks ({n} a round, median of {len(bare)} rounds)")
     print(f"{'stack':26} {'tasks/s':>8} {'ratio':>6} {'cmds':>5} {'cmd us':>8} "
           f"{'cpu us/task main+pool+redis':>28} {'RSS MiB':>9} {'rss x':>6} "
-          f"{'USS MiB':>9} {'uss x':>6} {'enqueue/s':>9} {'ratio':>6}")  # fmt: skip
+          f"{'USS MiB':>9} {'uss x':>6} {'gap ms':>6} {'enqueue/s':>9} {'ratio':>6}")  # fmt: skip
     for name, runs in results.items():
         rate = statistics.median(r.rate for r in runs)
         enqueue = statistics.median(r.enqueue for r in runs)
@@ -266,6 +274,7 @@ def report(pool: str, body: str, n: int, results: dict[str, list[Run]]) -> None:
               f"{statistics.median(r.commands for r in runs):5.1f} "
               f"{statistics.median(r.redis_usec for r in runs):8.1f} {shown_cpu:>28} "
               f"{shown_rss:>9} {rss / bare_rss:6.2f} {shown_uss:>9} {uss / bare_uss:6.2f} "
+              f"{statistics.median(r.gap for r in runs) * 1e3:6.2f} "
               f"{enqueue:9.0f} {enqueue / bare_enqueue:6.2f}")  # fmt: skip
     plain, guarded = results.get("Bulwark, plain task"), results.get("+ policies")
     if plain and guarded:
