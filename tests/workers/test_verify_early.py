@@ -95,3 +95,18 @@ def test_an_unsigned_message_is_not_verified_early(r: redis.Redis, channel: Any)
     assert getattr(message, verifier.VERDICT, None) is None
     problem = verifier.message_problem(message)
     assert problem is not None and "not signed" in problem
+
+
+def test_verifying_early_never_raises_into_the_record(
+    r: redis.Redis, channel: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It runs between sending the record and reading Redis's reply: an error there would
+    leave the reply unread and lose the delivery. It becomes the message's reason."""
+
+    def broken() -> Any:
+        raise OSError("key file gone")
+
+    monkeypatch.setattr(verifier, "security", broken)
+    message = _delivered(r, channel)
+    assert r.hexists(channel.unacked_key, message.delivery_tag)  # recorded
+    assert getattr(message, verifier.VERDICT) == "security: cannot verify: OSError"

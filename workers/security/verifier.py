@@ -78,10 +78,10 @@ def verify_early(message: Any) -> None:
     on it (`VERDICT`) for `message_problem`. The Redis transport calls it while the record
     of the delivery is on its way to Redis, so the check overlaps that round trip instead of
     adding to the loop's time. Never raises."""
-    context = security()
-    if not context.enabled or context.verifying_problem() is not None:
-        return
     try:
+        context = security()
+        if not context.enabled or context.verifying_problem() is not None:
+            return
         verdict = _verdict(message, context)
     except Exception as exc:  # refused by message_problem, with the reason
         verdict = f"security: cannot verify: {type(exc).__name__}"
