@@ -61,6 +61,7 @@ class _Parked:
     lease: Lease
     at: float  # when it was parked (monotonic)
     due: float  # when the flusher releases it if it is still parked
+    sent: bool = False  # its step went, leaving it parked (`gives_back`)
 
 
 #: Longest a lease is taken over from call to call: then it is given back and taken
@@ -89,7 +90,9 @@ class Held:
         self._flusher: threading.Thread | None = None
 
     def pending(self) -> bool:
-        return bool(self._steps)
+        """Whether an acquire has something to carry: held steps, or parked leases (one
+        may be due, or too old to take over: released before the acquire)."""
+        return bool(self._steps) or any(self._parked.values())
 
     def hold(self, step: Step) -> None:
         """Keep `step` for the next round trip (at most `within` seconds)."""
@@ -148,27 +151,32 @@ class Held:
 
     def gives_back(self, lease: Lease) -> bool:
         """Asked by a parked lease's step as it is queued: True if the step is to release
-        it now (still parked, and parked `within` ago or more, or too old to be taken
-        over). One parked more recently stays parked, for the process's next call, until
-        `within` after it was parked: then the flusher releases it if nobody took it."""
+        it now (still parked, and parked `within` ago or more, or too old to be taken over
+        by then). One parked more recently stays parked, for the process's next call, until
+        `within` after it was parked: then the flusher releases it if nobody took it, and
+        so does the process's next acquire if it is too old to take over by then
+        (`prelude`: released before the acquire, so a process never holds two)."""
         now = time.monotonic()
         with self._changed:
             parked = self._parked.get(lease.name, [])
             for at, one in enumerate(parked):
                 if one.lease is lease:
-                    if now - one.at >= self.within or _too_old(lease, now):
+                    due = one.at + self.within
+                    if due <= now or _too_old(lease, due):
                         del parked[at]
                         return True
-                    one.due = one.at + self.within
+                    one.due, one.sent = due, True
                     return False
         return False
 
     def prelude(self, pipe: redis.client.Pipeline) -> Callable[[Results], None]:
-        """Queue every held step on `pipe` (call it holding `sending`). A step that fails to
-        queue is said and skipped: the others go."""
+        """Queue every held step on `pipe` (call it holding `sending`), then the release of
+        every parked lease that is due or too old to take over. A step that fails to queue
+        is said and skipped: the others go."""
         with self._changed:
             steps, self._steps = self._steps, []
         settles = [one for one in map(lambda step: _queued(step, pipe), steps) if one]
+        settles += self._due(pipe, leave=False)
 
         def settle(results: Results) -> None:
             for one in settles:
@@ -181,7 +189,7 @@ class Held:
         whose step was lost are released too; `leave`: every parked lease (at exit)."""
         with self.sending:
             pipe = self.client.pipeline(transaction=False)
-            settles = [self.prelude(pipe), *self._due(pipe, leave)]
+            settles = [self.prelude(pipe), *(self._due(pipe, leave=True) if leave else [])]
             if step is not None:
                 queued = _queued(step, pipe)
                 if queued is not None:
@@ -202,20 +210,25 @@ class Held:
 
     def _due(self, pipe: redis.client.Pipeline, leave: bool) -> list[Callable[[Results], None]]:
         """Release the parked leases that are due: nobody took one `within` after it was
-        parked (its step went earlier), or its step is gone (it failed to queue:
-        `ORPHAN_AFTER`); all of them when the process leaves."""
+        parked (its step went earlier), one whose step went is too old to take over, or
+        its step is gone (it failed to queue: `ORPHAN_AFTER`); all of them when the process
+        leaves. A release that fails to queue is said and skipped (the lease frees at its
+        expiry): the steps queued before it still go."""
         now = time.monotonic()
         with self._changed:
             found = [
                 one.lease
                 for parked in self._parked.values()
                 for one in parked
-                if leave or one.due <= now
+                if leave or one.due <= now or (one.sent and _too_old(one.lease, now))
             ]
         settles = []
         for lease in found:
             if self.unpark(lease):
-                settles.append(lease.bulkhead.release_in(pipe, lease).finish)
+                try:
+                    settles.append(lease.bulkhead.release_in(pipe, lease).finish)
+                except Exception:
+                    logger.exception("a parked lease's release could not be queued")
         return settles
 
     def _flush_when_due(self) -> None:

@@ -80,23 +80,30 @@ class LeanConnectionPool(redis.ConnectionPool):
 def execute_meanwhile(pipe: Any, meanwhile: Callable[[], None]) -> list[Any]:
     """`pipe.execute(raise_on_error=False)`, calling `meanwhile` once the commands are sent
     and before the first reply is read: work done while Redis runs them, instead of waiting
-    for its answer. `meanwhile` must not raise (it would leave the replies unread, and
-    redis-py then drops the connection). If nothing is sent, it is called after."""
+    for its answer. If the pipeline had nothing to send, `meanwhile` is called after; if
+    the send failed, not at all (the error goes on as it came). If `meanwhile` raises (it
+    should not; a `BaseException` such as a shutdown may), the connection, whose replies
+    are then unread, is dropped instead of going back to the pool."""
     read = pipe.parse_response
     called = False
 
-    def first_reply(*args: Any, **kwargs: Any) -> Any:
+    def first_reply(connection: Any, *args: Any, **kwargs: Any) -> Any:
         nonlocal called
         vars(pipe).pop("parse_response", None)  # the other replies: read as usual
         if not called:
             called = True
-            meanwhile()
-        return read(*args, **kwargs)
+            try:
+                meanwhile()
+            except BaseException:
+                connection.disconnect()
+                raise
+        return read(connection, *args, **kwargs)
 
     pipe.parse_response = first_reply
     try:
-        return pipe.execute(raise_on_error=False)  # type: ignore[no-any-return]
+        results: list[Any] = pipe.execute(raise_on_error=False)
     finally:
         vars(pipe).pop("parse_response", None)
-        if not called:
-            meanwhile()
+    if not called:
+        meanwhile()
+    return results

@@ -146,6 +146,19 @@ class TestParkedLeases:
         return Guard(bulkhead=bulkhead, retry=RetryPolicy.from_settings(), defer_max=5,
                      defer_cap=60.0, client=r, held=held, **parts), bulkhead  # fmt: skip
 
+    def parked_after_an_early_step(
+        self, r: redis.Redis, monkeypatch: pytest.MonkeyPatch
+    ) -> tuple[Held, Guard, Bulkhead]:
+        """A call's lease parked, its step sent early: the lease stays parked (the flusher
+        gives nothing back during a test)."""
+        monkeypatch.setattr(held_module, "PARK_FOR", 3600.0)
+        held = Held(r, within=60)
+        guard, bulkhead = self.guarded(r, 2, held)
+        guard.run(FakeTask(body=lambda: None), (), {})
+        held.send()
+        assert bulkhead.snapshot().in_use == 1
+        return held, guard, bulkhead
+
     def test_a_busy_process_keeps_its_permit_from_call_to_call(self, r: redis.Redis) -> None:
         held = Held(r, within=3600)  # only `send` gives it back
         guard, bulkhead = self.guarded(r, 2, held)
@@ -174,6 +187,34 @@ class TestParkedLeases:
         assert time.monotonic() - parked >= within
         assert held.take("parked") is None
 
+    def test_a_parked_permit_too_old_to_take_over_goes_back_before_the_next_acquire(
+        self, r: redis.Redis, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Its step went early, so it stayed parked; then it grew too old to take over.
+        The next call releases it before it acquires: never two permits of one bulkhead."""
+        _, guard, bulkhead = self.parked_after_an_early_step(r, monkeypatch)
+        other = bulkhead.try_acquire(renew=False)  # somebody else holds the other permit
+        monkeypatch.setattr(held_module, "PARK_FOR", 0.0)  # too old to take over now
+        ran: list[bool] = []
+        guard.run(FakeTask(body=lambda: ran.append(True)), (), {})  # room if it went first
+        assert ran == [True], "not deferred: the bulkhead had the parked permit back"
+        # The new permit was taken from a full bulkhead: not parked, given back at once.
+        assert list(bulkhead.snapshot().holders) == [other.holder]
+
+    def test_a_release_that_cannot_be_queued_loses_no_held_step(
+        self, r: redis.Redis, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        held, _, bulkhead = self.parked_after_an_early_step(r, monkeypatch)
+
+        def good(pipe: redis.client.Pipeline) -> Callable[[Results], None]:
+            pipe.set("good", "sent")
+            return lambda results: None
+
+        held.hold(good)
+        monkeypatch.setattr(bulkhead, "release_in", _raising_release)
+        held.send(leave=True)
+        assert r.get("good") == b"sent"
+
     def test_a_permit_taken_from_a_full_bulkhead_goes_back_at_once(self, r: redis.Redis) -> None:
         guard, bulkhead = self.guarded(r, 1, Held(r, within=3600))
         guard.run(FakeTask(body=lambda: None), (), {})
@@ -190,6 +231,10 @@ class TestParkedLeases:
         guard.run(FakeTask(body=lambda: None), (), {})  # releases the first as it acquires
         (second,) = bulkhead.snapshot().holders
         assert second != first
+
+
+def _raising_release(pipe: redis.client.Pipeline, lease: Lease) -> Any:
+    raise redis.exceptions.SlotNotCoveredError("no node serves the slot (a failover)")
 
 
 def _raising(pipe: redis.client.Pipeline) -> Callable[[Results], None]:

@@ -103,10 +103,26 @@ def test_meanwhile_runs_once_the_commands_are_sent(r: redis.Redis, redis_url: st
     client.close()
 
 
-def test_meanwhile_runs_once_when_nothing_could_be_sent() -> None:
+def test_a_failed_send_does_not_call_meanwhile() -> None:
     client = connect("redis://127.0.0.1:1/0", retry=None, socket_connect_timeout=1)
     calls: list[int] = []
     with client.pipeline() as pipe, pytest.raises(redis.ConnectionError):
         pipe.set("k", 1)
         execute_meanwhile(pipe, lambda: calls.append(1))
-    assert calls == [1]
+    assert calls == []  # the error goes on as it came
+
+
+def test_a_meanwhile_that_raises_leaves_no_unread_reply_behind(redis_url: str) -> None:
+    """A shutdown (a BaseException) in `meanwhile`: the connection, whose replies were not
+    read, is dropped; the next command on the client reads its own reply."""
+    client = connect(redis_url)
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    with client.pipeline() as pipe, pytest.raises(KeyboardInterrupt):
+        pipe.set("stale", "first").get("stale")
+        execute_meanwhile(pipe, interrupted)
+    client.set("fresh", "second")
+    assert client.get("fresh") == b"second"
+    client.close()
