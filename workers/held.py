@@ -11,7 +11,8 @@ per guarded task instead of two.
 A success also *parks* its bulkhead lease: the process's next call on the same bulkhead
 takes it over instead of acquiring (no round trip at all). Nobody took it `HOLD_WITHIN`
 after it was parked: it is released, by its held step or, if that went earlier (with
-another call's acquire, or with the steps held before it), by the flusher when it is due.
+another call's acquire, or with the steps held before it), by the flusher when it is due,
+or in front of the process's next acquire if it grew too old to take over meanwhile.
 So a process busy with one bulkhead keeps one permit while it has work (for `PARK_FOR`
 at most), and gives it back `HOLD_WITHIN` after its last call:
 the fleet never holds more permits than the limit, and a process between two calls
