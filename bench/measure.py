@@ -32,6 +32,19 @@ def uss_mib(pid: int) -> float:
     return private / 1024
 
 
+def rss_by_mapping(pid: int) -> dict[str, float]:
+    """RSS in MiB by what is mapped (a file's name, `[heap]`, `[anon]`, ...): /proc smaps."""
+    found: dict[str, float] = {}
+    name = "[anon]"
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split(maxsplit=5)
+        if len(head) >= 5 and "-" in head[0] and not head[0].endswith(":"):
+            name = head[5].rsplit("/", 1)[-1] if len(head) > 5 else "[anon]"
+        elif line.startswith("Rss:"):
+            found[name] = found.get(name, 0.0) + int(line.split()[1]) / 1024
+    return found
+
+
 def children(pid: int) -> list[int]:
     try:
         return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]

@@ -29,8 +29,9 @@ the worker's main process, its pool children and redis-server (/proc); RSS and U
 worker process (USS: the pages that process alone holds, what one more pool process
 costs; RSS adds every page it shares, the libraries' code included); the median wait
 of a pool process between jobs (`bench/gaps.py`: from a task's end to the same process's
-next task's start); enqueue rate of the stack's producer (`send_task` of the bare app,
-`workers.client` for Bulwark) and its ratio.
+next task's start); under each table, where a pool process's RSS grew most against bare
+Celery's, by mapping (a library's file, the heap, anonymous memory); enqueue rate of the
+stack's producer (`send_task` of the bare app, `workers.client` for Bulwark) and its ratio.
 
 Bodies: `noop` (one INCR) and `sleep` (10 ms, then one INCR: an I/O-bound job). Pools:
 prefork -c 2 and threads -c 8. The layer rows run for prefork/noop; the other pool and
@@ -63,7 +64,14 @@ sys.path.insert(0, str(ROOT))
 
 from bench import gaps  # noqa: E402
 from bench.benchtasks import DONE  # noqa: E402
-from bench.measure import children, commands, cpu_seconds, rss_mib, uss_mib  # noqa: E402
+from bench.measure import (  # noqa: E402
+    children,
+    commands,
+    cpu_seconds,
+    rss_by_mapping,
+    rss_mib,
+    uss_mib,
+)
 from workers.ops.embedded import EmbeddedRedis  # noqa: E402
 from workers.security.keys import dev_keys  # noqa: E402
 
@@ -137,6 +145,7 @@ class Run:
     rss: tuple[float, float]
     uss: tuple[float, float]
     gap: float  # median seconds from a job's end to its process's next job's start
+    mapped: dict[str, float]  # a pool process's RSS by mapping (MiB)
 
 
 def enqueue(stack: Stack, body: str, n: int) -> float:
@@ -200,6 +209,7 @@ def one_run(url: str, redis_pid: int, stack: Stack, pool: str, body: str, n: int
         cpu1 = [cpu_seconds(p) for p in pids], cpu_seconds(redis_pid)
         rss = [rss_mib(p) for p in pids]
         uss = [uss_mib(p) for p in pids]
+        mapped = rss_by_mapping(pids[-1])  # a pool process (the worker itself with threads)
     finally:
         worker.terminate()
         worker.wait(30)
@@ -217,6 +227,7 @@ def one_run(url: str, redis_pid: int, stack: Stack, pool: str, body: str, n: int
         rss=(rss[0], statistics.mean(rss[1:]) if len(rss) > 1 else 0.0),
         uss=(uss[0], statistics.mean(uss[1:]) if len(uss) > 1 else 0.0),
         gap=statistics.median(waits) if waits else float("nan"),
+        mapped=mapped,
     )
 
 
@@ -254,6 +265,15 @@ def _memory(runs: list[Run], field: str) -> tuple[float, float, str]:
     return main, child or main, f"{main:.0f}/{child:.0f}" if child else f"{main:.0f}"
 
 
+def _memory_by_mapping(bare: Run, other: Run, name: str) -> None:
+    """Where a pool process's RSS differs most between bare Celery and `name` (last round)."""
+    keys = set(bare.mapped) | set(other.mapped)
+    grown = sorted(keys, key=lambda k: other.mapped.get(k, 0.0) - bare.mapped.get(k, 0.0))
+    shown = ", ".join(f"{k} {other.mapped.get(k, 0.0) - bare.mapped.get(k, 0.0):+.1f}"
+                      for k in reversed(grown[-5:]))  # fmt: skip
+    print(f"pool process RSS, {name} against bare Celery, by mapping (MiB): {shown}")
+
+
 def report(pool: str, body: str, n: int, results: dict[str, list[Run]]) -> None:
     bare = results["bare Celery"]
     bare_rate = statistics.median(r.rate for r in bare)
@@ -276,6 +296,7 @@ def report(pool: str, body: str, n: int, results: dict[str, list[Run]]) -> None:
               f"{shown_rss:>9} {rss / bare_rss:6.2f} {shown_uss:>9} {uss / bare_uss:6.2f} "
               f"{statistics.median(r.gap for r in runs) * 1e3:6.2f} "
               f"{enqueue:9.0f} {enqueue / bare_enqueue:6.2f}")  # fmt: skip
+    _memory_by_mapping(bare[-1], results[list(results)[-1]][-1], list(results)[-1])
     plain, guarded = results.get("Bulwark, plain task"), results.get("+ policies")
     if plain and guarded:
         ratio = statistics.median(r.rate for r in guarded) / statistics.median(
