@@ -296,7 +296,8 @@ def report(pool: str, body: str, n: int, results: dict[str, list[Run]]) -> None:
               f"{shown_rss:>9} {rss / bare_rss:6.2f} {shown_uss:>9} {uss / bare_uss:6.2f} "
               f"{statistics.median(r.gap for r in runs) * 1e3:6.2f} "
               f"{enqueue:9.0f} {enqueue / bare_enqueue:6.2f}")  # fmt: skip
-    _memory_by_mapping(bare[-1], results[list(results)[-1]][-1], list(results)[-1])
+    last = list(results)[-1]
+    _memory_by_mapping(bare[-1], results[last][-1], last)
     plain, guarded = results.get("Bulwark, plain task"), results.get("+ policies")
     if plain and guarded:
         ratio = statistics.median(r.rate for r in guarded) / statistics.median(

@@ -140,16 +140,6 @@ class Held:
                 return lease
         return None
 
-    def unpark(self, lease: Lease) -> bool:
-        """True if `lease` was still parked (nobody took it): the caller releases it."""
-        with self._changed:
-            parked = self._parked.get(lease.name, [])
-            for at, one in enumerate(parked):
-                if one.lease is lease:
-                    del parked[at]
-                    return True
-        return False
-
     def gives_back(self, lease: Lease) -> bool:
         """Asked by a parked lease's step as it is queued: True if the step is to release
         it now (still parked, and parked `within` ago or more, or too old to be taken over
@@ -216,20 +206,17 @@ class Held:
         leaves. A release that fails to queue is said and skipped (the lease frees at its
         expiry): the steps queued before it still go."""
         now = time.monotonic()
-        with self._changed:
-            found = [
-                one.lease
-                for parked in self._parked.values()
-                for one in parked
-                if leave or one.due <= now or (one.sent and _too_old(one.lease, now))
-            ]
+        found: list[Lease] = []
+        with self._changed:  # taken off the parked ones here: nobody takes them over now
+            for parked in self._parked.values():
+                found += [one.lease for one in parked if leave or _releasable(one, now)]
+                parked[:] = [one for one in parked if not (leave or _releasable(one, now))]
         settles = []
         for lease in found:
-            if self.unpark(lease):
-                try:
-                    settles.append(lease.bulkhead.release_in(pipe, lease).finish)
-                except Exception:
-                    logger.exception("a parked lease's release could not be queued")
+            try:
+                settles.append(lease.bulkhead.release_in(pipe, lease).finish)
+            except Exception:
+                logger.exception("a parked lease's release could not be queued")
         return settles
 
     def _flush_when_due(self) -> None:
@@ -254,6 +241,11 @@ class Held:
 
 def _too_old(lease: Lease, now: float) -> bool:
     return now - lease.taken_at >= PARK_FOR
+
+
+def _releasable(one: _Parked, now: float) -> bool:
+    """Due, or too old to take over with its step gone (`Held._due`)."""
+    return one.due <= now or (one.sent and _too_old(one.lease, now))
 
 
 def _queued(step: Step, pipe: redis.client.Pipeline) -> Callable[[Results], None] | None:
