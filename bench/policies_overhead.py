@@ -39,7 +39,14 @@ sys.path.insert(0, str(ROOT))
 
 from bench.measure import commands, cpu_seconds  # noqa: E402
 from policies import keys  # noqa: E402
+from policies.breaker import BreakerConfig, CircuitBreaker, RedisBreakerStore  # noqa: E402
+from policies.bulkhead import Bulkhead, BulkheadConfig  # noqa: E402
+from policies.errors import CircuitOpen  # noqa: E402
+from policies.retry import RetryPolicy  # noqa: E402
+from policies.watch import feed_for  # noqa: E402
 from workers.client import client as make_client  # noqa: E402
+from workers.guard import Guard  # noqa: E402
+from workers.held import Held  # noqa: E402
 from workers.ops.embedded import EmbeddedRedis  # noqa: E402
 from workers.security.keys import dev_keys  # noqa: E402
 
@@ -209,12 +216,6 @@ def guarded_round_trips(
     """(round trips, seconds) per guarded call (breaker + bulkhead) through `client`, whose
     connections are `CountingConnection`s. `held`: as in a worker, whose calls back to back
     hold their outcomes and take over their lease (`workers.held`); the last ones sent too."""
-    from policies.breaker import BreakerConfig, CircuitBreaker, RedisBreakerStore
-    from policies.bulkhead import Bulkhead, BulkheadConfig
-    from policies.retry import RetryPolicy
-    from policies.watch import feed_for
-    from workers.guard import Guard
-    from workers.held import Held
 
     breaker = CircuitBreaker("rt", BreakerConfig(), RedisBreakerStore(client))
     bulkhead = Bulkhead("rt", client, BulkheadConfig(limit=10))
@@ -248,9 +249,6 @@ def guarded_round_trips(
 
 
 def _watcher(url: str, conn: Any) -> None:
-    from policies.breaker import BreakerConfig, CircuitBreaker, RedisBreakerStore
-    from policies.errors import CircuitOpen
-    from policies.watch import feed_for
 
     client = redis.Redis.from_url(url)
     breaker = CircuitBreaker("propagation", BreakerConfig(), RedisBreakerStore(client))
@@ -279,7 +277,6 @@ def _watcher(url: str, conn: Any) -> None:
 
 
 def propagation(url: str, trials: int, watchers: int) -> None:
-    from policies.breaker import BreakerConfig, CircuitBreaker, RedisBreakerStore
 
     client = redis.Redis.from_url(url)
     breaker = CircuitBreaker("propagation", BreakerConfig(), RedisBreakerStore(client))
